@@ -1,0 +1,163 @@
+"""`ldm generate`: text-to-image, image-to-image and inpainting from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..ldm.samplers import SAMPLERS
+from ..paths import bundled_model
+
+log = logging.getLogger(__name__)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description=(
+            "Generate images with a latent diffusion model: text-to-image, image-to-image "
+            "(--init-image, --strength) and inpainting (--mask: white is repainted)."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a .safetensors checkpoint (SD 1.x/2.x or this project's format) or a folder "
+        "holding one (default: the bundled demo model)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="folder with vocab.json and merges.txt (default: tokenizer/ beside the checkpoint)",
+    )
+    p.add_argument(
+        "--prediction",
+        choices=("eps", "v"),
+        default=None,
+        help="override the prediction type (SD 2.x 768-v checkpoints are v)",
+    )
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument(
+        "--negative-prompt", default="", help="what to steer away from (the CFG unconditional branch)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--n", type=int, default=1, help="number of images (run as one batch)")
+    p.add_argument("--init-image", type=Path, default=None, help="start from this image (img2img)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.8,
+        help="how much of the init image to repaint, 0 (none) to 1 (all)",
+    )
+    p.add_argument("--mask", type=Path, default=None, help="inpainting mask PNG: white is repainted")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="weights precision (default: fp32 on cpu, fp16 on cuda)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output PNG; with --n above 1, OUT-0.png, OUT-1.png, ...",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `ldm --help` stays fast: torch takes seconds to import.
+    from PIL import Image, UnidentifiedImageError
+
+    from ..ldm.checkpoint import CheckpointError
+    from ..ldm.engine import Engine, GenerationRequest, InvalidRequest
+    from ..ldm.images import png_bytes
+    from ..ldm.text import TokenizerError
+
+    def fail(message: str) -> int:
+        print(f"ldm generate: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.n < 1:
+        return fail("--n must be at least 1")
+    if args.output.suffix.lower() != ".png":
+        return fail(f"--output must end in .png, got {args.output}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return fail("--device cuda: no CUDA device is available")
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    try:
+        init_image = Image.open(args.init_image) if args.init_image else None
+        mask = Image.open(args.mask) if args.mask else None
+    except (OSError, UnidentifiedImageError) as e:
+        return fail(f"cannot read image: {e}")
+    try:
+        engine = Engine.load(
+            args.model or bundled_model(), args.tokenizer, args.device, dtype, args.prediction
+        )
+    except (CheckpointError, TokenizerError, ValueError) as e:
+        return fail(str(e))
+    base = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        sampler=args.sampler,
+        seed=args.seed,
+        eta=args.eta,
+        init_image=init_image,
+        strength=args.strength,
+        mask=mask,
+    )
+    try:
+        first = engine.resolve(base)
+    except InvalidRequest as e:
+        return fail(f"--{e.field.replace('_', '-')}: {e.message}")
+    from dataclasses import replace
+
+    requests = [replace(base, seed=first.seed + i) for i in range(args.n)]
+    total = sum(engine.resolve(r).steps for r in requests)
+    with tqdm(total=total, desc="denoising", unit="step", disable=None) as bar:
+        done: dict[int, int] = {}
+
+        def progress(index: int, step: int, steps: int) -> None:
+            bar.update(step - done.get(index, 0))
+            done[index] = step
+
+        results = engine.generate(requests, progress=progress)
+    outputs = (
+        [args.output]
+        if args.n == 1
+        else [args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for result, path in zip(results, outputs, strict=True):
+        assert result.image is not None
+        path.write_bytes(png_bytes(result.image, result.request.parameters()))
+        log.info(
+            "wrote %s (seed %d, %d prompt tokens, %.0f ms)",
+            path,
+            result.request.seed,
+            result.prompt_tokens,
+            result.timings.get("total_ms", 0.0),
+        )
+    return 0

@@ -1,0 +1,156 @@
+"""The heterogeneous denoising loop: one batched UNet call per step for members at any step.
+
+Each member carries its own sampler (name, step count, position in its schedule), guidance scale,
+prompt embeddings and random generator. The timestep is a per-sample input of the UNet, so the
+members' noise levels can all differ and one call serves them all, classifier-free-guidance pairs
+included (Ho & Salimans 2022: the negative prompt is the unconditional branch). Members join and
+leave between steps; that is what lets a worker admit new requests into a running batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .denoiser import Denoiser
+from .samplers import Sampler
+
+Tensor = torch.Tensor
+
+
+@dataclass(eq=False)
+class LatentBlend:
+    """Inpainting with an ordinary model: outside the mask, the latent is the init image's, noised
+    to the current level after every step (the method of diffusers' legacy inpainting pipeline)."""
+
+    init: Tensor  # (1, C, h, w) clean init latent
+    keep: Tensor  # (1, 1, h, w) 1 where the init image is kept
+    noise: Tensor  # (1, C, h, w)
+
+    def apply(self, x: Tensor, sigma: float, last: bool) -> Tensor:
+        # On the last step, undo the sampler's final rescaling (DDIM ends at sigma_min > 0) so the
+        # kept region comes back exactly.
+        target = self.init * (1.0 + sigma**2) ** 0.5 if last else self.init + self.noise * sigma
+        return target * self.keep + x * (1 - self.keep)
+
+
+@dataclass(eq=False)
+class Member:
+    """One image being denoised. `sampler` is None when there is nothing to denoise (strength 0)."""
+
+    key: Hashable
+    sampler: Sampler | None
+    x: Tensor  # (1, C, h, w) latent in the sampler's (variance-exploding) parametrisation
+    cond: Tensor  # (1, L, D) prompt embedding
+    uncond: Tensor | None  # (1, L, D) negative-prompt embedding; None when guidance is off
+    guidance: float
+    generator: torch.Generator
+    concat: Tensor | None = None  # (1, 1 + C, h, w) inpainting-model input: mask, masked-image latent
+    blend: LatentBlend | None = None
+    steps_done: int = 0
+    step_seconds: float = 0.0
+    joined: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> bool:
+        return self.sampler is None or self.sampler.done
+
+    @property
+    def total_steps(self) -> int:
+        return 0 if self.sampler is None else self.sampler.total_steps
+
+    def final_latent(self) -> Tensor:
+        """The latent in diffusers' parametrisation, scaled as the UNet sees it (times scaling_factor)."""
+        return self.x if self.sampler is None else self.sampler.finish(self.x)
+
+
+def _pad_contexts(contexts: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Stacks contexts of different lengths; padded keys are masked out of the cross-attention."""
+    longest = max(c.shape[1] for c in contexts)
+    if all(c.shape[1] == longest for c in contexts):
+        return torch.cat(contexts), None
+    padded = [F.pad(c, (0, 0, 0, longest - c.shape[1])) for c in contexts]
+    mask = torch.zeros(len(contexts), longest, dtype=torch.bool, device=contexts[0].device)
+    for i, c in enumerate(contexts):
+        mask[i, : c.shape[1]] = True
+    return torch.cat(padded), mask
+
+
+class DenoisingBatch:
+    """Members in flight; `step()` advances each of them by one step of its own sampler."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.members: dict[Hashable, Member] = {}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def add(self, member: Member) -> None:
+        if member.key in self.members:
+            raise KeyError(f"member {member.key!r} is already in the batch")
+        self.members[member.key] = member
+
+    def remove(self, key: Hashable) -> Member | None:
+        return self.members.pop(key, None)
+
+    def rows(self) -> int:
+        """UNet rows the next step takes: one per member, two with guidance."""
+        return sum(1 if m.uncond is None else 2 for m in self.members.values() if not m.done)
+
+    def step(self) -> list[Member]:
+        """Advances every member one step; returns (and removes) the members that are finished."""
+        active = [m for m in self.members.values() if not m.done]
+        if active:
+            started = time.perf_counter()
+            self._advance(active)
+            elapsed = time.perf_counter() - started
+            for m in active:
+                m.steps_done += 1
+                m.step_seconds += elapsed
+        finished = [m for m in self.members.values() if m.done]
+        for m in finished:
+            del self.members[m.key]
+        return finished
+
+    @torch.inference_mode()
+    def _advance(self, active: list[Member]) -> None:
+        xs, sigmas, contexts, concats = [], [], [], []
+        for m in active:
+            assert m.sampler is not None
+            branches = [m.cond] if m.uncond is None else [m.cond, m.uncond]
+            for context in branches:
+                xs.append(m.x)
+                sigmas.append(m.sampler.sigma)
+                contexts.append(context)
+                if m.concat is not None:
+                    concats.append(m.concat)
+        x = torch.cat(xs)  # (rows, C, h, w)
+        sigma = torch.tensor(sigmas, dtype=torch.float32, device=x.device)  # (rows,)
+        context, context_mask = _pad_contexts(contexts)
+        extra: dict[str, Tensor] = {}
+        if concats:
+            if len(concats) != len(xs):
+                raise ValueError("an inpainting model needs mask channels for every member")
+            extra["concat"] = torch.cat(concats)
+        if context_mask is not None:
+            extra["context_mask"] = context_mask
+        denoised = self.denoiser(x, sigma, context=context, **extra)  # (rows, C, h, w)
+
+        row = 0
+        for m in active:
+            assert m.sampler is not None
+            if m.uncond is None:
+                guided = denoised[row : row + 1]
+                row += 1
+            else:
+                cond, uncond = denoised[row : row + 1], denoised[row + 1 : row + 2]
+                guided = uncond + m.guidance * (cond - uncond)
+                row += 2
+            m.x = m.sampler.step(m.x, guided, m.generator)
+            if m.blend is not None:
+                m.x = m.blend.apply(m.x, m.sampler.sigma, m.sampler.done)

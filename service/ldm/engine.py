@@ -1,0 +1,315 @@
+"""The engine: a model loaded once, and `generate` over a list of requests.
+
+txt2img, img2img (init image + strength) and inpainting (mask): natively with 9-channel inpainting
+checkpoints, and by latent blending with ordinary ones. Requests are prepared into batch members
+(`prepare`), advanced together (`DenoisingBatch`) and decoded as they finish (`decode`); a worker
+uses the same three calls to run continuous batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .batch import DenoisingBatch, LatentBlend, Member
+from .checkpoint import LoadedModel, load_model
+from .config import ModelConfig, Prediction
+from .denoiser import Denoiser
+from .images import mask_to_tensor, to_images, to_tensor
+from .samplers import SAMPLERS, img2img_start_step, make_sampler
+from .schedule import DiscreteSchedule
+from .text import TextConditioner
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class InvalidRequest(ValueError):
+    """A request the model cannot run; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    eta: float = 0.0  # DDIM's eta (0 = deterministic)
+    init_image: Image.Image | None = None
+    strength: float = 0.8
+    mask: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default filled in, as it is run."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int
+    eta: float
+    init_image: Image.Image | None
+    strength: float
+    mask: Image.Image | None
+
+    def parameters(self) -> str:
+        """The text stored in the PNG, in the web UIs' `parameters` style."""
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        return (
+            f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
+            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
+        )
+
+
+@dataclass
+class GenerationResult:
+    request: ResolvedRequest
+    image: Image.Image | None  # None when cancelled
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+    cancelled: bool = False
+
+
+ProgressCallback = Callable[[int, int, int], None]  # (request index, step, total steps)
+
+
+class Engine:
+    """A latent diffusion model held warm on one device."""
+
+    def __init__(self, model: LoadedModel, device: str = "cpu", dtype: str = "fp32", text_cache: int = 256):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if device == "cpu" and dtype != "fp32":
+            raise ValueError("only fp32 runs on the CPU")
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.unet = model.unet.to(self.device, self.dtype).eval()
+        # The SD autoencoder overflows in fp16; like diffusers, it stays in fp32 unless bf16 is asked.
+        vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+        self.autoencoder = model.autoencoder.to(self.device, vae_dtype).eval()
+        text_model = model.text_model.to(device=self.device, dtype=self.dtype)  # type: ignore[call-arg]
+        self.text = TextConditioner(text_model, model.tokenizer, text_cache)
+        self.schedule = DiscreteSchedule()
+        self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
+        self.size_multiple = self.config.downsample_factor
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        tokenizer_dir: Path | None = None,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        prediction: Prediction | None = None,
+    ) -> Engine:
+        return cls(load_model(path, tokenizer_dir, prediction), device, dtype)
+
+    def _unet_call(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        concat: Tensor | None = None,
+    ) -> Tensor:
+        if concat is not None:
+            x = torch.cat([x, concat], dim=1)  # (B, 4 + 1 + 4, h, w) for inpainting UNets
+        out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype), context_mask)
+        return out.float()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """Fills in the model's defaults and checks what the model itself constrains."""
+        cfg = self.config
+        native = (request.init_image.width, request.init_image.height) if request.init_image else None
+        width = request.width if request.width is not None else (native[0] if native else cfg.sample_size)
+        height = request.height if request.height is not None else (native[1] if native else cfg.sample_size)
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % self.size_multiple:
+                raise InvalidRequest(
+                    name, f"must be a positive multiple of {self.size_multiple}, got {value}"
+                )
+        steps = cfg.default_steps if request.steps is None else request.steps
+        if steps < 1:
+            raise InvalidRequest("steps", f"must be at least 1, got {steps}")
+        sampler = request.sampler or cfg.default_sampler
+        if sampler not in SAMPLERS:
+            raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        guidance = cfg.default_guidance if request.guidance_scale is None else request.guidance_scale
+        if not 0.0 <= guidance <= 50.0:
+            raise InvalidRequest("guidance_scale", f"must be between 0 and 50, got {guidance}")
+        seed = secrets.randbelow(2**32) if request.seed is None else request.seed
+        if not 0 <= seed < SEED_LIMIT:
+            raise InvalidRequest("seed", f"must be between 0 and 2**63 - 1, got {seed}")
+        if not 0.0 <= request.strength <= 1.0:
+            raise InvalidRequest("strength", f"must be between 0 and 1, got {request.strength}")
+        if not 0.0 <= request.eta <= 1.0:
+            raise InvalidRequest("eta", f"must be between 0 and 1, got {request.eta}")
+        if request.mask is not None and request.init_image is None:
+            raise InvalidRequest("mask", "a mask needs an init image")
+        if self.config.is_inpainting and request.init_image is None:
+            raise InvalidRequest("init_image", "this is an inpainting model: give an init image and a mask")
+        return ResolvedRequest(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance,
+            sampler=sampler,
+            seed=seed,
+            eta=request.eta,
+            init_image=request.init_image,
+            strength=request.strength,
+            mask=request.mask,
+        )
+
+    def prepare(self, request: ResolvedRequest, key: Hashable) -> tuple[Member, int]:
+        """Encodes the prompts and draws the starting latent; returns the member and its token count."""
+        cfg = self.config
+        f = cfg.downsample_factor
+        shape = (1, cfg.latent_channels, request.height // f, request.width // f)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        # The convention of diffusers and of A1111's CPU RNG: noise does not depend on batch-mates.
+        noise = torch.randn(shape, generator=generator).to(self.device)  # (1, C, h, w)
+        if request.guidance_scale == 1.0:
+            cond_emb = self.text.encode(request.prompt)
+            uncond = None
+        else:
+            cond_emb, uncond_emb = self.text.encode_pair(request.prompt, request.negative_prompt)
+            uncond = uncond_emb.tensor
+        member = Member(
+            key=key,
+            sampler=None,
+            x=noise,
+            cond=cond_emb.tensor,
+            uncond=uncond,
+            guidance=request.guidance_scale,
+            generator=generator,
+        )
+        self._start_latent(member, request, noise)
+        return member, cond_emb.tokens
+
+    def _start_latent(self, member: Member, request: ResolvedRequest, noise: Tensor) -> None:
+        steps, name, eta = request.steps, request.sampler, request.eta
+        if request.init_image is None:
+            member.sampler = make_sampler(name, self.schedule, steps, eta=eta)
+            member.x = noise * member.sampler.init_noise_sigma
+            return
+        image = to_tensor(request.init_image, request.width, request.height).to(self.device)
+        init = self.encode(image)  # (1, C, h, w), scaled
+        mask = None
+        if request.mask is not None:
+            mask_px = mask_to_tensor(request.mask, request.width, request.height).to(self.device)
+            mask = mask_to_latent(mask_px, init.shape[-2:])  # (1, 1, h, w)
+            if self.config.is_inpainting:
+                masked = self.encode(image * (mask_px < 0.5))
+                member.concat = torch.cat([mask, masked], dim=1)  # (1, 1 + C, h, w)
+            else:
+                member.blend = LatentBlend(init=init, keep=1 - mask, noise=noise)
+        start = img2img_start_step(steps, request.strength)
+        if start >= steps:  # strength 0: nothing to denoise, the init image comes back
+            member.x = init
+            return
+        member.sampler = make_sampler(name, self.schedule, steps, eta=eta, start_step=start)
+        if request.strength >= 1.0 and mask is not None:
+            member.x = noise * member.sampler.init_noise_sigma  # as diffusers does at full strength
+        else:
+            member.x = init + noise * member.sampler.sigma
+
+    def encode(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (the posterior's mode: deterministic)."""
+        with torch.inference_mode():
+            vae_dtype = next(self.autoencoder.parameters()).dtype
+            posterior = self.autoencoder.encode(image.to(vae_dtype))
+            return posterior.mode().float() * self.config.autoencoder.scaling_factor
+
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        """Scaled latents (B, C, h, w) -> images."""
+        with torch.inference_mode():
+            vae_dtype = next(self.autoencoder.parameters()).dtype
+            z = (latents / self.config.autoencoder.scaling_factor).to(vae_dtype)
+            return to_images(self.autoencoder.decode(z))
+
+    def new_batch(self) -> DenoisingBatch:
+        return DenoisingBatch(self.denoiser)
+
+    # -- the whole thing --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressCallback | None = None,
+        should_cancel: Callable[[int], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """Runs requests together in one batch; results come back in the order given."""
+        resolved = [self.resolve(r) for r in requests]  # every request is checked before any runs
+        batch = self.new_batch()
+        results: dict[int, GenerationResult] = {}
+        started: dict[int, float] = {}
+        for index, request in enumerate(resolved):
+            started[index] = time.perf_counter()
+            member, tokens = self.prepare(request, index)
+            results[index] = GenerationResult(request, None, tokens)
+            results[index].timings["prepare_ms"] = _ms_since(started[index])
+            batch.add(member)
+        while len(batch):
+            if should_cancel is not None:
+                for key in [k for k in batch.members if should_cancel(_index(k))]:
+                    batch.remove(key)
+                    results[_index(key)].cancelled = True
+            finished = batch.step()
+            if progress is not None:
+                for m in [*batch.members.values(), *finished]:
+                    progress(_index(m.key), m.steps_done, m.total_steps)
+            if finished:
+                decode_start = time.perf_counter()
+                images = self.decode(torch.cat([m.final_latent() for m in finished]))
+                decode_ms = _ms_since(decode_start)
+                for m, image in zip(finished, images, strict=True):
+                    result = results[_index(m.key)]
+                    result.image = image
+                    result.timings["denoise_ms"] = m.step_seconds * 1000
+                    result.timings["decode_ms"] = decode_ms
+                    result.timings["total_ms"] = _ms_since(started[_index(m.key)])
+        return [results[i] for i in range(len(resolved))]
+
+
+def mask_to_latent(mask: Tensor, size: torch.Size) -> Tensor:
+    """Pixel mask -> latent mask: a latent is repainted if any pixel under it is (max pooling)."""
+    return torch.nn.functional.adaptive_max_pool2d(mask, tuple(size))
+
+
+def _index(key: Hashable) -> int:
+    assert isinstance(key, int)
+    return key
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

@@ -1,0 +1,310 @@
+"""Denoising UNet of Latent Diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models", sec. 3.3): an ADM-style UNet (Dhariwal & Nichol 2021) whose attention
+layers are spatial transformers that cross-attend to the text encoder's token embeddings.
+
+Module names follow the original CompVis/Stability code (`ldm/modules/diffusionmodules/
+openaimodel.py` UNetModel and `ldm/modules/attention.py` SpatialTransformer), so the
+`model.diffusion_model.*` part of a Stable Diffusion 1.x / 2.x file loads with its prefix stripped
+and nothing else: `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`, `output_blocks.{i}.{j}`, `out.*`.
+The index holes (`in_layers.1` is a SiLU, `out_layers.2` a dropout) are kept for that reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.ldm.config import UNetConfig
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017) of per-sample, possibly fractional timesteps.
+
+    (B,) -> (B, dim), cosines first then sines, as openaimodel's `timestep_embedding` (equal to
+    diffusers' `flip_sin_to_cos=True, freq_shift=0`). Computed in float32 whatever the model dtype:
+    t goes up to 1000 and fp16 cannot resolve the phase of its high frequencies.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # (B, dim)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in float32 (openaimodel's `GroupNorm32`): means and
+    variances over whole feature maps lose too much precision in half precision."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
+    """32 groups as everywhere in the ADM/LDM code; ResBlocks use eps 1e-5, transformers 1e-6."""
+    return GroupNorm32(32, channels, eps=eps)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding by addition (no scale-shift norm in SD)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            norm(out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        # A 1x1 conv only where the width changes (`use_conv=False` in the original).
+        self.skip_connection: nn.Module = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)  # (B, C_out, H, W)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (B, C_out, 1, 1) over all positions
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (`op`), halving H and W."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (avoids the checkerboard of transposed convs)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        # `size`: the next skip connection's (H, W), which is not 2x when a side was odd on the way down.
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; self-attention when no context is given (LDM eq. 3)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x (B, N, query_dim); context (B, L, context_dim); mask (B, L) bool, True = attend."""
+        ctx = x if context is None else context
+        B, N, _ = x.shape
+        L = ctx.shape[1]
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        k = self.to_k(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        v = self.to_v(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        # Padding tokens get probability exactly 0, so a padded prompt attends as the unpadded one.
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d), scale d^-0.5
+        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, heads * d)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): one projection gives both the value and the gate."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)  # 2 x (B, N, dim_out)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the context, GEGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W positions of a feature map, conditioned by cross-attention (LDM
+    sec. 3.3). SD 1.x projects in/out with 1x1 convs, SD 2.x with Linear layers after flattening;
+    both are the same map, only the weight shapes differ."""
+
+    def __init__(
+        self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, use_linear: bool
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = use_linear
+        self.norm = norm(channels, eps=1e-6)
+        self.proj_in: nn.Module = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)]
+        )
+        self.proj_out: nn.Module = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        B, _, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)  # (B, inner, H, W)
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C or inner)
+        if self.use_linear:
+            h = self.proj_in(h)  # (B, H*W, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        if self.use_linear:
+            h = self.proj_out(h)  # (B, H*W, C)
+        h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, C or inner, H, W)
+        if not self.use_linear:
+            h = self.proj_out(h)  # (B, C, H, W)
+        return x + h
+
+
+class TimestepSequential(nn.ModuleList):
+    """A list of layers applied in turn, each given what it needs (openaimodel's
+    `TimestepEmbedSequential`): ResBlocks the time embedding, transformers the context."""
+
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        out_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, mask)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """eps- (or v-) prediction network: (noisy latent, timestep, text context) -> same shape as x."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model_channels
+        emb_dim = 4 * mc
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, head_dim = cfg.heads_for(ch)
+            if heads * head_dim != ch:
+                raise ValueError(f"{ch} channels do not split into attention heads as configured ({cfg})")
+            return SpatialTransformer(
+                ch, heads, head_dim, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_projection
+            )
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        # Encoder half: per level, num_res_blocks blocks, then a downsample except at the last level.
+        self.input_blocks = nn.ModuleList(
+            [TimestepSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])]
+        )
+        skip_channels = [mc]  # width of every input block's output, consumed by the decoder half
+        ch = mc
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepSequential(layers))
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(TimestepSequential([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        # The bottleneck always has a transformer, whatever attention_levels says.
+        self.middle_block = TimestepSequential(
+            [ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch)]
+        )
+
+        # Decoder half: one more block per level than the encoder, each eating one skip connection.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(transformer(ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepSequential(layers))
+
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """x (B, in_channels, h, w), any h and w (upsampling follows the skips' sizes, as diffusers);
+        t (B,) float timesteps (one per sample, fractional allowed); context (B, L, context_dim);
+        context_mask (B, L) bool, True = a real token, False = padding (every row needs at least one
+        True). -> (B, out_channels, h, w).
+        """
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if context_mask is not None and context_mask.dtype != torch.bool:
+            raise ValueError("context_mask must be a bool tensor (True = attend)")
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
+        skips: list[Tensor] = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context, context_mask)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, context_mask)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            out_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
+            h = block(h, emb, context, context_mask, out_size)
+        return self.out(h)

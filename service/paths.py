@@ -1,0 +1,14 @@
+"""Where the project's bundled files live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL_NAME = "shapes"
+
+
+def bundled_model() -> Path:
+    """The demo model shipped in `models/` (overridable with LDM_DEMO_MODEL)."""
+    return Path(os.environ.get("LDM_DEMO_MODEL", REPO_ROOT / "models" / DEMO_MODEL_NAME))
