@@ -99,11 +99,16 @@ def build_tiny(
 ) -> tuple[UNet, Autoencoder, torch.nn.Module]:
     tokenizer = load_tokenizer(tokenizer_dir)
     unet = randomize(UNet(config.unet), seed)
+    out_conv = unet.out[-1]
+    assert isinstance(out_conv, torch.nn.Conv2d)
+    with torch.no_grad():  # a trained UNet predicts unit-scale noise; random weights overshoot ~10x
+        out_conv.weight.mul_(0.1)
+        out_conv.bias.mul_(0.1)
     vae = randomize(Autoencoder(config.autoencoder), seed + 1)
     # The text encoder is built with all its layers (SD 2.x files hold the last one too).
     full_text = TextEncoderConfig(**{**config.text.__dict__, "penultimate": False})
     text = randomize(build_text_model(full_text, tokenizer), seed + 2)
-    return unet, vae, text  # type: ignore[return-value]
+    return unet, vae, text
 
 
 def write_sd_checkpoint(

@@ -74,7 +74,7 @@ class AutoencoderTraining:
 @dataclass(frozen=True)
 class UNetTraining:
     steps: int = 6000
-    batch: int = 64
+    batch: int = 32
     lr: float = 6e-4
     min_lr: float = 3e-5
     warmup: int = 200

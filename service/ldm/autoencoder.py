@@ -69,7 +69,10 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head of width C, scaled by C^-0.5 as in the original.
-        q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
+        # contiguous(): SDPA's fused kernels need the last dimension dense, else it falls back to math.
+        q, k, v = (
+            proj(h).flatten(2).transpose(1, 2)[:, None].contiguous() for proj in (self.q, self.k, self.v)
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C)
         h = h[:, 0].transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + self.proj_out(h)

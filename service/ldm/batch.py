@@ -130,7 +130,7 @@ class DenoisingBatch:
                 if m.concat is not None:
                     concats.append(m.concat)
         x = torch.cat(xs)  # (rows, C, h, w)
-        sigma = torch.tensor(sigmas, dtype=torch.float32, device=x.device)  # (rows,)
+        sigma = torch.tensor(sigmas, dtype=torch.float32)  # (rows,), on the CPU: the denoiser moves it
         context, context_mask = _pad_contexts(contexts)
         extra: dict[str, Tensor] = {}
         if concats:

@@ -51,8 +51,11 @@ class Denoiser:
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
         # Scalings and t in float32 whatever x is: a half-precision sigma would move t by several steps.
-        sigma = sigma.to(x.device, torch.float32)
+        # t is computed on the CPU (sigmas come from the samplers as floats) and copied without a
+        # blocking device round trip, so a GPU keeps its queue of kernels full between steps.
+        sigma_cpu = sigma.detach().to("cpu", torch.float32)
+        t = self.schedule.sigma_to_t(sigma_cpu, quantize=self.quantize).to(x.device, non_blocking=True)
+        sigma = sigma_cpu.to(x.device, non_blocking=True)
         c_skip, c_out, c_in = (c.to(x.dtype) for c in self.scalings(sigma))
-        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize)
         out = self.unet(x * c_in, t, **cond)
         return x * c_skip + out.to(x.dtype) * c_out
