@@ -100,7 +100,7 @@ def build_tiny(
     tokenizer = load_tokenizer(tokenizer_dir)
     unet = randomize(UNet(config.unet), seed)
     out_conv = unet.out[-1]
-    assert isinstance(out_conv, torch.nn.Conv2d)
+    assert isinstance(out_conv, torch.nn.Conv2d) and out_conv.bias is not None
     with torch.no_grad():  # a trained UNet predicts unit-scale noise; random weights overshoot ~10x
         out_conv.weight.mul_(0.1)
         out_conv.bias.mul_(0.1)
