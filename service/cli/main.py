@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import generate
+from . import evaluate, generate, train, worker
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
     generate.register(commands)
+    worker.register(commands)
+    train.register(commands)
+    evaluate.register(commands)
     return parser
 
 

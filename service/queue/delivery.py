@@ -1,0 +1,252 @@
+"""The worker's side of the protocol: read and reclaim stream entries, claim them (attempt number,
+dead-lettering), start, publish progress, store the result, hand back, keep deliveries fresh.
+
+Every call that changes a job is fenced on the attempt number handed out by `claim` (see
+`scripts.py`): whatever a superseded worker does afterwards is refused and reported as `stale`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from . import keys
+from .jobs import text
+from .scripts import SCRIPTS
+from .spec import JobStatus
+
+log = logging.getLogger(__name__)
+
+STALE = "stale"
+HANDED_BACK_IDLE_MS = 10**9  # back-dated this far, a handed-back delivery is reclaimable at once
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stream entry delivered to this worker."""
+
+    model: str
+    entry: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A job this worker holds: the attempt number is its fencing token."""
+
+    model: str
+    entry: str
+    job_id: str
+    attempt: int
+    deliveries: int  # deliveries that did not end in a hand-back, this one included
+    spec_json: str
+    created: float
+    deadline: float
+
+    def keys(self) -> list[str]:
+        return [keys.jobs(self.model), keys.job(self.job_id), keys.events(self.job_id)]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What claiming an entry gave: a lease, or why there is nothing to run."""
+
+    entry: Entry
+    outcome: str  # claimed | missing | terminal | dead
+    lease: Lease | None = None
+    detail: str = ""
+
+
+class WorkerQueue:
+    def __init__(
+        self,
+        client: redis.Redis,
+        worker: str,
+        models: Sequence[str],
+        *,
+        max_deliveries: int = 3,
+        result_ttl_s: int = 3600,
+    ) -> None:
+        self.redis = client
+        self.worker = worker
+        self.models = list(models)
+        self.max_deliveries = max_deliveries
+        self.result_ttl_s = result_ttl_s
+        self._cursors: dict[str, str] = {}
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+
+    def ensure_groups(self) -> None:
+        """Creates each model's stream and consumer group if missing (from id 0: nothing is skipped)."""
+        for model in self.models:
+            try:
+                self.redis.xgroup_create(keys.jobs(model), keys.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    # -- getting entries --------------------------------------------------------------------------
+
+    def read(self, models: Sequence[str], count: int, block_ms: int | None) -> list[Entry]:
+        """New entries, at most `count` per stream; block_ms None does not wait."""
+        if count <= 0 or not models:
+            return []
+        streams: Any = {keys.jobs(m): ">" for m in models}
+        try:
+            reply: Any = self.redis.xreadgroup(keys.GROUP, self.worker, streams, count=count, block=block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning("consumer group missing (Redis lost its data?): creating it again")
+            self.ensure_groups()
+            return []
+        by_stream = {keys.jobs(m): m for m in models}
+        return [
+            Entry(by_stream[text(stream)], text(entry_id), text(fields.get(b"job")))
+            for stream, entries in reply or []
+            for entry_id, fields in entries
+        ]
+
+    def reclaim(self, model: str, min_idle_ms: int, count: int) -> list[Entry]:
+        """Takes over deliveries idle for `min_idle_ms` (their worker died or handed them back)."""
+        if count <= 0:
+            return []
+        cursor = self._cursors.get(model, "0-0")
+        reply: Any = self.redis.xautoclaim(
+            keys.jobs(model), keys.GROUP, self.worker, min_idle_ms, cursor, count=count
+        )
+        next_cursor, claimed = reply[0], reply[1]
+        self._cursors[model] = text(next_cursor)
+        return [Entry(model, text(entry_id), text(fields.get(b"job"))) for entry_id, fields in claimed]
+
+    # -- state changes ----------------------------------------------------------------------------
+
+    def claim(self, entries: Sequence[Entry]) -> list[Claimed]:
+        """Takes the next attempt of each entry's job, or dead-letters a job delivered too often."""
+        pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
+        for e in entries:
+            self._scripts["claim"](
+                keys=[keys.jobs(e.model), keys.job(e.job_id), keys.events(e.job_id), keys.dead(e.model)],
+                args=[
+                    keys.GROUP,
+                    e.entry,
+                    self.worker,
+                    self.max_deliveries,
+                    now,
+                    self.result_ttl_s,
+                    e.job_id,
+                    e.model,
+                ],
+                client=pipe,
+            )
+        out = []
+        for e, reply in zip(entries, pipe.execute(), strict=True):
+            outcome = text(reply[0])
+            if outcome != "claimed":
+                out.append(Claimed(e, outcome, detail=text(reply[1]) if len(reply) > 1 else ""))
+                continue
+            attempt, deliveries, spec, created, deadline = (text(v) for v in reply[1:])
+            lease = Lease(
+                e.model,
+                e.entry,
+                e.job_id,
+                int(attempt),
+                int(deliveries),
+                spec,
+                float(created),
+                float(deadline),
+            )
+            out.append(Claimed(e, outcome, lease))
+        return out
+
+    def start(self, leases: Sequence[Lease]) -> list[str]:
+        """Marks jobs running; `running`, `stale` or the terminal status they already have."""
+        now = time.time()
+        return self._each(
+            "start", leases, lambda lease: [keys.GROUP, lease.entry, lease.attempt, now, self.result_ttl_s]
+        )
+
+    def progress(self, items: Iterable[tuple[Lease, int, int]]) -> dict[str, str]:
+        """Publishes (lease, step, steps) and returns each job's status (`stale` when superseded):
+        a job that is no longer `running` leaves the batch."""
+        items = list(items)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for lease, step, steps in items:
+            self._scripts["progress"](
+                keys=lease.keys(),
+                args=[keys.GROUP, lease.entry, lease.attempt, step, steps, now, self.result_ttl_s],
+                client=pipe,
+            )
+        return {lease.job_id: text(r) for (lease, _, _), r in zip(items, pipe.execute(), strict=True)}
+
+    def finish(self, lease: Lease, status: JobStatus, *, png: bytes = b"", error: str = "") -> str:
+        """Stores the outcome (and the PNG) once, acknowledges the delivery; `ok`, `stale`, or the
+        terminal status the job already had (for example cancelled)."""
+        reply = self._scripts["finish"](
+            keys=[*lease.keys(), keys.result(lease.job_id)],
+            args=[
+                keys.GROUP,
+                lease.entry,
+                lease.attempt,
+                status.value,
+                error,
+                time.time(),
+                self.result_ttl_s,
+                png,
+            ],
+        )
+        return text(reply)
+
+    def hand_back(self, leases: Sequence[Lease]) -> list[str]:
+        """Returns jobs to the queue without counting a failed delivery; any worker takes them at once."""
+        now = time.time()
+        return self._each(
+            "hand_back",
+            leases,
+            lambda lease: [
+                keys.GROUP,
+                self.worker,
+                lease.entry,
+                lease.attempt,
+                now,
+                self.result_ttl_s,
+                HANDED_BACK_IDLE_MS,
+            ],
+        )
+
+    def refresh(self, leases: Sequence[Lease]) -> set[Lease]:
+        """Resets the idle time of the deliveries still ours; returns the leases that are not."""
+        if not leases:
+            return set()
+        script_keys: list[str] = []
+        args: list[Any] = [keys.GROUP, self.worker]
+        for lease in leases:
+            script_keys += [keys.jobs(lease.model), keys.job(lease.job_id)]
+            args += [lease.entry, lease.attempt]
+        stale = {text(e) for e in self._scripts["refresh"](keys=script_keys, args=args)}
+        return {lease for lease in leases if lease.entry in stale}
+
+    def heartbeat(self, info: dict[str, Any], ttl_s: float) -> None:
+        self.redis.set(keys.worker(self.worker), json.dumps(info), px=max(1, int(ttl_s * 1000)))
+
+    def sign_off(self) -> None:
+        self.redis.delete(keys.worker(self.worker))
+
+    def lag(self, model: str) -> int:
+        """Backlog of a model's stream: queued plus held by workers."""
+        return int(self.redis.xlen(keys.jobs(model)))
+
+    def _each(self, script: str, leases: Sequence[Lease], args: Any) -> list[str]:
+        if not leases:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for lease in leases:
+            self._scripts[script](keys=lease.keys(), args=args(lease), client=pipe)
+        return [text(r) for r in pipe.execute()]

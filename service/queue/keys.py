@@ -1,0 +1,50 @@
+"""Every Redis key and name of the job protocol, in one place.
+
+| key | type | what |
+|---|---|---|
+| `ldm:jobs:<model>` | stream | jobs queued or held by a worker (field `job`); consumer group `workers` |
+| `ldm:job:<id>` | hash | spec (JSON), owner, status, timestamps, attempt, deadline, progress, error |
+| `ldm:result:<id>` | string | the PNG, stored once, with a TTL |
+| `ldm:events:<id>` | stream | progress and status events of one job, with a TTL (late readers replay it) |
+| `ldm:dead:<model>` | stream | dead-lettered jobs (field `job`, `reason`, `attempts`) |
+| `ldm:worker:<name>` | string | a live worker's heartbeat (JSON), expires when the worker stops renewing it |
+
+Keys are not hash-tagged: the protocol assumes one Redis (or a primary with replicas), not a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "ldm"
+GROUP = "workers"  # the consumer group every worker of a model's stream joins
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def jobs(model: str) -> str:
+    return f"{PREFIX}:jobs:{model}"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def result(job_id: str) -> str:
+    return f"{PREFIX}:result:{job_id}"
+
+
+def events(job_id: str) -> str:
+    return f"{PREFIX}:events:{job_id}"
+
+
+def dead(model: str) -> str:
+    return f"{PREFIX}:dead:{model}"
+
+
+def worker(name: str) -> str:
+    return f"{PREFIX}:worker:{name}"
+
+
+WORKER_PATTERN = f"{PREFIX}:worker:*"

@@ -1,0 +1,179 @@
+"""The protocol's state changes as Lua scripts: each one reads the job hash and changes it, the job
+stream and the job's events in one atomic step, so that no two writers can interleave.
+
+Fencing: every worker-side script takes the attempt number the worker was given at claim time and
+does nothing (returns `stale`) when the job hash holds another one. A worker whose job was reclaimed
+by another therefore cannot store a second result, acknowledge the other worker's delivery or
+publish progress for it. A stream entry is acknowledged (XACK) and deleted (XDEL) only when its job
+has reached a terminal status, so the stream's length is the backlog: queued plus in flight.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local TERMINAL = {succeeded = true, failed = true, cancelled = true, expired = true}
+local function release(stream, group, entry)
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+end
+local function event(key, ttl, ...)
+  redis.call('XADD', key, 'MAXLEN', '~', 1000, '*', ...)
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
+# KEYS: stream, job, events. ARGV: job id, model, owner, spec, now, deadline, max backlog, ttl.
+ENQUEUE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {'exists', redis.call('HGET', KEYS[2], 'entry')}
+end
+local backlog = redis.call('XLEN', KEYS[1])
+if backlog >= tonumber(ARGV[7]) then
+  return {'full', tostring(backlog)}
+end
+local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'model', ARGV[2], 'owner', ARGV[3], 'spec', ARGV[4],
+  'status', 'queued', 'created', ARGV[5], 'deadline', ARGV[6], 'entry', entry,
+  'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0)
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+event(KEYS[3], ARGV[8], 'type', 'queued', 'time', ARGV[5])
+return {'ok', entry}
+"""
+
+# KEYS: stream, job, events. ARGV: group, now, ttl.
+CANCEL = """
+local status, entry = unpack(redis.call('HMGET', KEYS[2], 'status', 'entry'))
+if not status then return 'missing' end
+if TERMINAL[status] then return status end
+redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished', ARGV[2], 'error', 'cancelled')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+event(KEYS[3], ARGV[3], 'type', 'cancelled', 'time', ARGV[2])
+-- A queued job leaves the stream now; a running one at its worker's next step boundary.
+if status == 'queued' then redis.call('XDEL', KEYS[1], entry) end
+return 'ok'
+"""
+
+# KEYS: stream, job, events, dead. ARGV: group, entry, worker, max deliveries, now, ttl, job id, model.
+CLAIM = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  release(KEYS[1], ARGV[1], ARGV[2])
+  return {'missing'}
+end
+local status, attempt, handed, spec, created, deadline = unpack(redis.call('HMGET', KEYS[2],
+  'status', 'attempt', 'handed_back', 'spec', 'created', 'deadline'))
+if TERMINAL[status] then
+  release(KEYS[1], ARGV[1], ARGV[2])
+  return {'terminal', status}
+end
+attempt = tonumber(attempt)
+local deliveries = attempt - tonumber(handed)
+if deliveries >= tonumber(ARGV[4]) then
+  local reason = 'dead-lettered: delivered ' .. deliveries .. ' times without finishing'
+  redis.call('HSET', KEYS[2], 'status', 'failed', 'error', reason, 'finished', ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'job', ARGV[7], 'model', ARGV[8],
+    'reason', reason, 'attempts', attempt, 'time', ARGV[5])
+  event(KEYS[3], ARGV[6], 'type', 'failed', 'error', reason, 'time', ARGV[5])
+  release(KEYS[1], ARGV[1], ARGV[2])
+  return {'dead', reason}
+end
+attempt = attempt + 1
+redis.call('HSET', KEYS[2], 'attempt', attempt, 'worker', ARGV[3], 'status', 'queued')
+return {'claimed', tostring(attempt), tostring(deliveries + 1), spec, created, deadline}
+"""
+
+# KEYS: stream, job, events. ARGV: group, entry, attempt, now, ttl.
+START = """
+local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
+if attempt ~= ARGV[3] then return 'stale' end
+if TERMINAL[status] then
+  release(KEYS[1], ARGV[1], ARGV[2])
+  return status
+end
+redis.call('HSET', KEYS[2], 'status', 'running', 'started', ARGV[4], 'step', 0)
+event(KEYS[3], ARGV[5], 'type', 'running', 'attempt', ARGV[3], 'time', ARGV[4])
+return 'running'
+"""
+
+# KEYS: stream, job, events. ARGV: group, entry, attempt, step, steps, now, ttl.
+PROGRESS = """
+local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
+if attempt ~= ARGV[3] then return 'stale' end
+if status ~= 'running' then
+  if TERMINAL[status] then release(KEYS[1], ARGV[1], ARGV[2]) end
+  return status
+end
+redis.call('HSET', KEYS[2], 'step', ARGV[4], 'steps', ARGV[5])
+event(KEYS[3], ARGV[7], 'type', 'progress', 'step', ARGV[4], 'steps', ARGV[5], 'attempt', ARGV[3],
+  'time', ARGV[6])
+return 'running'
+"""
+
+# KEYS: stream, job, events, result. ARGV: group, entry, attempt, status, error, now, ttl, png.
+FINISH = """
+local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
+if attempt ~= ARGV[3] then return 'stale' end
+if TERMINAL[status] then
+  release(KEYS[1], ARGV[1], ARGV[2])
+  return status
+end
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[7])
+  redis.call('HINCRBY', KEYS[2], 'results', 1)
+end
+redis.call('HSET', KEYS[2], 'status', ARGV[4], 'finished', ARGV[6], 'error', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+if ARGV[5] ~= '' then
+  event(KEYS[3], ARGV[7], 'type', ARGV[4], 'error', ARGV[5], 'time', ARGV[6])
+else
+  event(KEYS[3], ARGV[7], 'type', ARGV[4], 'time', ARGV[6])
+end
+release(KEYS[1], ARGV[1], ARGV[2])
+return 'ok'
+"""
+
+# KEYS: stream, job, events. ARGV: group, worker, entry, attempt, now, ttl, idle ms.
+HAND_BACK = """
+local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
+if attempt ~= ARGV[4] then return 'stale' end
+if TERMINAL[status] then
+  release(KEYS[1], ARGV[1], ARGV[3])
+  return status
+end
+redis.call('HSET', KEYS[2], 'status', 'queued', 'step', 0)
+redis.call('HINCRBY', KEYS[2], 'handed_back', 1)
+event(KEYS[3], ARGV[6], 'type', 'queued', 'attempt', ARGV[4], 'time', ARGV[5])
+-- Back-date the delivery so that any live worker's XAUTOCLAIM takes it at once.
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[7], 'JUSTID')
+return 'ok'
+"""
+
+# KEYS: stream 1, job 1, stream 2, job 2, ... ARGV: group, worker, entry 1, attempt 1, entry 2, ...
+REFRESH = """
+local stale = {}
+for i = 1, #KEYS, 2 do
+  local j = (i - 1) / 2
+  local entry, attempt = ARGV[3 + 2 * j], ARGV[4 + 2 * j]
+  if redis.call('HGET', KEYS[i + 1], 'attempt') == attempt then
+    -- JUSTID: resets the idle time without counting a delivery.
+    redis.call('XCLAIM', KEYS[i], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
+  else
+    table.insert(stale, entry)
+  end
+end
+return stale
+"""
+
+SCRIPTS = {
+    name: _PRELUDE + body
+    for name, body in {
+        "enqueue": ENQUEUE,
+        "cancel": CANCEL,
+        "claim": CLAIM,
+        "start": START,
+        "progress": PROGRESS,
+        "finish": FINISH,
+        "hand_back": HAND_BACK,
+        "refresh": REFRESH,
+    }.items()
+}
