@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `ldm --help` stays fast: torch takes seconds to import.
     from ..ldm.checkpoint import CheckpointError
     from ..ldm.text import TokenizerError
-    from ..worker.runner import serve
+    from ..worker.serve import serve
 
     if settings.device == "cuda":
         import torch

@@ -18,7 +18,6 @@ back the rest, exit 0.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import random
@@ -32,17 +31,16 @@ from types import FrameType
 
 import redis
 import torch
-from PIL import Image
-from pydantic import ValidationError
 
 from ..ldm.batch import DenoisingBatch
-from ..ldm.engine import Engine, GenerationRequest, ResolvedRequest
+from ..ldm.engine import Engine, ResolvedRequest
 from ..ldm.images import png_bytes
 from ..queue.delivery import Entry, Lease, WorkerQueue
 from ..queue.jobs import connect
 from ..queue.spec import JobSpec, JobStatus
 from ..settings import WorkerSettings
 from .metrics import WorkerMetrics
+from .requests import error_message, generation_request
 from .scheduler import Candidate, Scheduler
 
 log = logging.getLogger(__name__)
@@ -227,11 +225,11 @@ class Worker:
         """Resolves the spec against the model; an invalid one fails here, alone."""
         engine = self.engines[lease.model]
         try:
-            request = engine.resolve(_generation_request(JobSpec.model_validate_json(lease.spec_json)))
+            request = engine.resolve(generation_request(JobSpec.model_validate_json(lease.spec_json)))
         except Exception as e:  # invalid spec, unreadable image, anything the engine refuses
             job = Job(lease, None)
             self._hold(job)
-            self._end(job, JobStatus.FAILED, error=_message(e))
+            self._end(job, JobStatus.FAILED, error=error_message(e))
             return
         f = engine.config.downsample_factor
         h, w = request.height // f, request.width // f
@@ -272,7 +270,7 @@ class Worker:
                 member, _tokens = engine.prepare(job.request, job.id)
             except Exception as e:
                 log.warning("job %s failed to prepare: %s", job.id, e)
-                self._end(job, JobStatus.FAILED, error=_message(e))
+                self._end(job, JobStatus.FAILED, error=error_message(e))
                 continue
             self.batch.add(member)
         self.metrics.busy(time.perf_counter() - busy_start)
@@ -290,7 +288,9 @@ class Worker:
             log.exception("denoising step failed")
             for key in list(batch.members):
                 batch.remove(key)
-                self._end(self.jobs[str(key)], JobStatus.FAILED, error=f"denoising failed: {_message(e)}")
+                self._end(
+                    self.jobs[str(key)], JobStatus.FAILED, error=f"denoising failed: {error_message(e)}"
+                )
             return
         elapsed = time.perf_counter() - started
         if active:
@@ -328,7 +328,7 @@ class Worker:
         except Exception as e:
             log.exception("decoding failed")
             for job in jobs:
-                self._end(job, JobStatus.FAILED, error=f"decoding failed: {_message(e)}")
+                self._end(job, JobStatus.FAILED, error=f"decoding failed: {error_message(e)}")
             return
         for job, image in zip(jobs, images, strict=True):
             assert job.request is not None
@@ -445,62 +445,3 @@ class Worker:
             "draining": self.draining,
             "started": self._started,
         }
-
-
-def _generation_request(spec: JobSpec) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        width=spec.width,
-        height=spec.height,
-        steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        sampler=spec.sampler,
-        seed=spec.seed,
-        eta=spec.eta,
-        init_image=_image(spec.init_image, "init_image"),
-        strength=spec.strength,
-        mask=_image(spec.mask, "mask"),
-    )
-
-
-def _image(data: bytes | None, name: str) -> Image.Image | None:
-    if data is None:
-        return None
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name}: not a readable PNG ({e})") from e
-    return image
-
-
-def _message(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
-    return str(e) or type(e).__name__
-
-
-def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    dtype = settings.dtype or ("fp16" if settings.device == "cuda" else "fp32")
-    engines = {}
-    for name, path in settings.models.items():
-        started = time.perf_counter()
-        engines[name] = Engine.load(path, device=settings.device, dtype=dtype)
-        log.info("model %s loaded from %s in %.1f s", name, path, time.perf_counter() - started)
-    return engines
-
-
-def serve(settings: WorkerSettings) -> int:
-    """Loads the models, starts /metrics, runs until drained."""
-    engines = load_engines(settings)
-    metrics = WorkerMetrics()
-    if settings.device == "cuda":
-        metrics.gpu_memory.labels("allocated").set_function(torch.cuda.memory_allocated)
-        metrics.gpu_memory.labels("reserved").set_function(torch.cuda.memory_reserved)
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.metrics_host)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    return Worker(settings, engines, metrics).run()

@@ -1,0 +1,40 @@
+"""Starting a worker: load the models once, expose /metrics, run the loop until drained."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..ldm.engine import Engine
+from ..settings import WorkerSettings
+from .metrics import WorkerMetrics
+from .runner import Worker
+
+log = logging.getLogger(__name__)
+
+
+def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    dtype = settings.dtype or ("fp16" if settings.device == "cuda" else "fp32")
+    engines = {}
+    for name, path in settings.models.items():
+        started = time.perf_counter()
+        engines[name] = Engine.load(path, device=settings.device, dtype=dtype)
+        log.info("model %s loaded from %s in %.1f s", name, path, time.perf_counter() - started)
+    return engines
+
+
+def serve(settings: WorkerSettings) -> int:
+    """Loads the models, starts /metrics, runs until drained."""
+    engines = load_engines(settings)
+    metrics = WorkerMetrics()
+    if settings.device == "cuda":
+        metrics.gpu_memory.labels("allocated").set_function(torch.cuda.memory_allocated)
+        metrics.gpu_memory.labels("reserved").set_function(torch.cuda.memory_reserved)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    return Worker(settings, engines, metrics).run()
