@@ -44,31 +44,20 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
-from service.ldm.checkpoint import UNET_PREFIX, VAE_PREFIX, LoadedModel, sd_state_dict
+from service.ldm.checkpoint import LoadedModel, sd_state_dict
 from service.ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from service.ldm.engine import DTYPES, Engine, GenerationRequest
-from service.ldm.text import TextConditioner, build_text_model, load_tokenizer
-from tests.reference import diffusers_unet, diffusers_vae
+from service.ldm.text import TextConditioner, load_tokenizer
+from tests.reference import reference_pipeline
 from tests.tiny import build_tiny, write_sd_checkpoint, write_tokenizer
 
 Tensor = torch.Tensor
 PROMPT = "a photo of a red cat on the left"
 NEGATIVE_PROMPT = "a blue square"
 SAMPLER = "dpmpp_2m"
-# The scheduler config of SD 1.5's model card, as tests/test_engine.py gives it.
-SD15_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
 
 
 def small_config() -> ModelConfig:
@@ -190,36 +179,6 @@ class Recorder:
 # -- the two pipelines --------------------------------------------------------------------------------
 
 
-def diffusers_pipeline(state: dict[str, Tensor], config: ModelConfig, engine: Engine) -> Any:
-    """diffusers' pipeline over an SD-layout state dict, converted by diffusers' own key maps
-    (as tests/test_engine.py's `reference_pipeline`)."""
-    unet, unet_state = diffusers_unet(
-        config.unet, {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    )
-    unet.load_state_dict(unet_state, strict=True)
-    vae, vae_state = diffusers_vae(
-        config.autoencoder, {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
-    )
-    vae.load_state_dict(vae_state, strict=True)
-    text = build_text_model(config.text, engine.text.tokenizer)
-    clip = convert_ldm_clip_checkpoint(state)
-    text.load_state_dict(
-        {k.removeprefix("text_model."): v for k, v in clip.items() if "position_ids" not in k}
-    )
-    pipe: Any = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=engine.text.tokenizer,
-        unet=unet.eval(),
-        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER, prediction_type="epsilon"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[Engine, Any]:
     """Writes an SD 1.x single-file checkpoint and loads it on each side (CPU, fp32)."""
     tokenizer_dir = write_tokenizer(folder / "tokenizer")
@@ -227,7 +186,7 @@ def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[Engin
     engine = Engine.load(path)
     if engine.config.unet != config.unet or engine.config.text != config.text:
         raise RuntimeError("the checkpoint loaded as another architecture than the one written")
-    return engine, diffusers_pipeline(load_file(str(path)), engine.config, engine)
+    return engine, reference_pipeline(load_file(str(path)), engine.config, engine.text.tokenizer, SAMPLER)
 
 
 def build_in_memory(
@@ -240,7 +199,7 @@ def build_in_memory(
     tokenizer = load_tokenizer(tokenizer_dir)
     model = LoadedModel(config, unet, vae, text, tokenizer, folder / "in-memory")  # type: ignore[arg-type]
     engine = Engine(model, device=device, dtype=dtype)
-    pipe = diffusers_pipeline(state, config, engine)
+    pipe = reference_pipeline(state, config, engine.text.tokenizer, SAMPLER)
     del state
     # diffusers' usual half-precision setup (from_pretrained(torch_dtype=...)): all of it, VAE too.
     # (Quietly: `to()` warns that from_pretrained would keep some modules in fp32; SD 1.x has none.)

@@ -3,11 +3,19 @@ single-file conversion code from state dicts in the original SD layout."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import diffusers
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
 from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
     create_unet_diffusers_config_from_ldm,
@@ -15,7 +23,9 @@ from diffusers.loaders.single_file_utils import (
 )
 from torch import Tensor, nn
 
-from service.ldm.config import AutoencoderConfig, UNetConfig
+from service.ldm.checkpoint import UNET_PREFIX, VAE_PREFIX
+from service.ldm.config import AutoencoderConfig, ModelConfig, UNetConfig
+from service.ldm.text import build_text_model
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -87,3 +97,54 @@ def diffusers_vae(cfg: AutoencoderConfig, state: dict[str, Tensor]) -> tuple[Any
     config = create_vae_diffusers_config_from_ldm(original_yaml(UNetConfig(), cfg), state)
     model = diffusers.AutoencoderKL(**config)
     return model, convert_ldm_vae_checkpoint(state, config)
+
+
+# diffusers' schedulers configured as Stable Diffusion v1.5's model card has them.
+SD15_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+SCHEDULERS: dict[str, Callable[[str], Any]] = {
+    "ddim": lambda p: DDIMScheduler(
+        **SD15_SCHEDULER, set_alpha_to_one=False, clip_sample=False, prediction_type=p
+    ),
+    "euler": lambda p: EulerDiscreteScheduler(**SD15_SCHEDULER, prediction_type=p),
+    "dpmpp_2m": lambda p: DPMSolverMultistepScheduler(**SD15_SCHEDULER, prediction_type=p),
+    "dpmpp_2m_karras": lambda p: DPMSolverMultistepScheduler(
+        **SD15_SCHEDULER, use_karras_sigmas=True, prediction_type=p
+    ),
+}
+
+
+def reference_pipeline(state: dict[str, Tensor], config: ModelConfig, tokenizer: Any, sampler: str) -> Any:
+    """diffusers' `StableDiffusionPipeline` over an SD-layout state dict, filled by diffusers' own
+    key maps (typed Any: diffusers' lazy modules defeat mypy)."""
+    unet, unet_state = diffusers_unet(
+        config.unet, {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    )
+    unet.load_state_dict(unet_state, strict=True)
+    vae, vae_state = diffusers_vae(
+        config.autoencoder, {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    )
+    vae.load_state_dict(vae_state, strict=True)
+    text = build_text_model(config.text, tokenizer)
+    clip = convert_ldm_clip_checkpoint(state)
+    text.load_state_dict(
+        {k.removeprefix("text_model."): v for k, v in clip.items() if "position_ids" not in k}
+    )
+    pipe: Any = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=SCHEDULERS[sampler]("v_prediction" if config.prediction == "v" else "epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

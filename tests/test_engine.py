@@ -4,26 +4,18 @@ batch invariance, joining and leaving between steps, img2img and inpainting."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-)
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
-from service.ldm.checkpoint import UNET_PREFIX, VAE_PREFIX
 from service.ldm.engine import Engine, InvalidRequest
 from service.ldm.engine import GenerationRequest as _Request
-from service.ldm.text import build_text_model
 
-from .reference import diffusers_unet, diffusers_vae
+from .reference import SCHEDULERS, reference_pipeline
 from .tiny import tiny_config, write_sd_checkpoint, write_tokenizer
 
 
@@ -32,26 +24,6 @@ def GenerationRequest(prompt: str, **kwargs: object) -> _Request:
     if "init_image" not in kwargs:
         kwargs = {"width": 32, "height": 32, **kwargs}
     return _Request(prompt, **kwargs)  # type: ignore[arg-type]
-
-
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
-SCHEDULERS = {
-    "ddim": lambda p: DDIMScheduler(
-        **SD15_SCHEDULER, set_alpha_to_one=False, clip_sample=False, prediction_type=p
-    ),
-    "euler": lambda p: EulerDiscreteScheduler(**SD15_SCHEDULER, prediction_type=p),
-    "dpmpp_2m": lambda p: DPMSolverMultistepScheduler(**SD15_SCHEDULER, prediction_type=p),
-    "dpmpp_2m_karras": lambda p: DPMSolverMultistepScheduler(
-        **SD15_SCHEDULER, use_karras_sigmas=True, prediction_type=p
-    ),
-}
 
 
 @pytest.fixture(scope="module")
@@ -66,35 +38,9 @@ def engine(sd1_path: Path) -> Engine:
     return Engine.load(sd1_path)
 
 
-def reference_pipeline(path: Path, engine: Engine, sampler: str) -> StableDiffusionPipeline:
+def pipeline_for(path: Path, engine: Engine, sampler: str) -> Any:
     """diffusers' pipeline over the same file, converted by diffusers' own key maps."""
-    state = load_file(str(path))
-    config = engine.config
-    unet, unet_state = diffusers_unet(
-        config.unet, {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    )
-    unet.load_state_dict(unet_state, strict=True)
-    vae, vae_state = diffusers_vae(
-        config.autoencoder, {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
-    )
-    vae.load_state_dict(vae_state, strict=True)
-    text = build_text_model(config.text, engine.text.tokenizer)
-    clip = convert_ldm_clip_checkpoint(state)
-    text.load_state_dict(
-        {k.removeprefix("text_model."): v for k, v in clip.items() if "position_ids" not in k}
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=engine.text.tokenizer,
-        unet=unet.eval(),
-        scheduler=SCHEDULERS[sampler]((config.prediction == "v" and "v_prediction") or "epsilon"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(load_file(str(path)), engine.config, engine.text.tokenizer, sampler)
 
 
 def run_member(engine: Engine, request: GenerationRequest) -> torch.Tensor:
@@ -108,7 +54,7 @@ def run_member(engine: Engine, request: GenerationRequest) -> torch.Tensor:
 
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 def test_txt2img_matches_diffusers_pipeline(sd1_path: Path, engine: Engine, sampler: str) -> None:
-    pipe = reference_pipeline(sd1_path, engine, sampler)
+    pipe = pipeline_for(sd1_path, engine, sampler)
     kwargs = {"prompt": "a red circle on the left", "negative_prompt": "blue", "seed": 7}
     request = GenerationRequest(**kwargs, steps=6, guidance_scale=4.0, sampler=sampler, width=32, height=32)
     ours = run_member(engine, request)
@@ -285,7 +231,7 @@ def test_invalid_requests_name_the_field(engine: Engine, request_: GenerationReq
 
 def test_v_prediction_matches_diffusers(sd1_path: Path) -> None:
     engine = Engine.load(sd1_path, prediction="v")
-    pipe = reference_pipeline(sd1_path, engine, "euler")
+    pipe = pipeline_for(sd1_path, engine, "euler")
     ours = run_member(
         engine, GenerationRequest("a cat", steps=4, sampler="euler", guidance_scale=3.0, seed=5)
     )
