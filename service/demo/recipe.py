@@ -17,7 +17,8 @@ AUTOENCODER = AutoencoderConfig(
     base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, scaling_factor=1.0
 )
 UNET = UNetConfig(
-    in_channels=4,
+    in_channels=6,  # 4 latent channels + 2 coordinate channels
+    coord_channels=2,
     out_channels=4,
     model_channels=64,
     channel_mult=(1, 2, 2),
