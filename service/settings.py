@@ -4,13 +4,14 @@ objects are built by the functions at the bottom, never at import time."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .paths import DEMO_MODEL_NAME, bundled_model
 from .queue import keys
@@ -37,13 +38,46 @@ class QueueSettings(BaseSettings):
     )
 
 
+# LDM_MODELS, read by the worker and the gateway alike: `shapes=models/shapes,sd15=/m/sd15.safetensors`
+# or a JSON object `{"shapes": "models/shapes"}`.
+Models = Annotated[dict[str, Path], NoDecode]
+MODELS_HELP = (
+    "models served, name -> checkpoint; env LDM_MODELS='shapes=models/shapes,sd=x.safetensors' or JSON"
+)
+
+
+def _default_models() -> dict[str, Path]:
+    return {DEMO_MODEL_NAME: bundled_model()}
+
+
+def _parse_models(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    models: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"expected NAME=PATH, got {item!r}")
+        models[name.strip()] = path.strip()
+    return models
+
+
+def _check_model_names(value: dict[str, Path]) -> dict[str, Path]:
+    if not value:
+        raise ValueError("at least one model")
+    for name in value:
+        if not keys.MODEL_NAME.match(name):
+            raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (64 at most)")
+    return value
+
+
 class WorkerSettings(QueueSettings):
     """`ldm worker`: one process per GPU, its models held warm."""
 
-    models: dict[str, Path] = Field(
-        default_factory=lambda: {DEMO_MODEL_NAME: bundled_model()},
-        description='models served, name -> checkpoint; env as JSON: LDM_MODELS=\'{"shapes": "models/x"}\'',
-    )
+    models: Models = Field(default_factory=_default_models, description=MODELS_HELP)
     worker_name: str = Field("", description="consumer name in the group; empty: host-pid")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
@@ -64,19 +98,49 @@ class WorkerSettings(QueueSettings):
     metrics_host: str = Field("0.0.0.0", description="address /metrics listens on")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
 
-    @field_validator("models")
-    @classmethod
-    def _names(cls, value: dict[str, Path]) -> dict[str, Path]:
-        if not value:
-            raise ValueError("at least one model")
-        for name in value:
-            if not keys.MODEL_NAME.match(name):
-                raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (64 at most)")
-        return value
+    _parse_models = field_validator("models", mode="before")(_parse_models)
+    _names = field_validator("models")(_check_model_names)
 
     @property
     def name(self) -> str:
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class GatewaySettings(QueueSettings):
+    """`ldm gateway`: HTTP and gRPC in front of the queue (no torch). Limits are checked before anything
+    is enqueued; the model's own constraints (size multiple, native size) come from its checkpoint's
+    header."""
+
+    models: Models = Field(default_factory=_default_models, description=MODELS_HELP)
+    host: str = Field("127.0.0.1", description="address HTTP and gRPC listen on (0.0.0.0 in a container)")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (REST, SSE, /metrics, /docs)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = no gRPC server)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated API keys; empty: no authentication"
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="longest a synchronous request waits for its images before 504"
+    )
+    max_prompt_chars: int = Field(1000, ge=1, le=4000, description="longest prompt or negative prompt")
+    max_steps: int = Field(150, ge=1, le=500, description="most denoising steps per image")
+    max_side: int = Field(2048, ge=8, le=2048, description="widest width or height, in pixels")
+    max_pixels: int = Field(1024 * 1024, ge=64, description="most pixels (width x height) per image")
+    max_n: int = Field(4, ge=1, le=64, description="most images per request")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429 (queue full)")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="comment sent on a quiet event stream")
+
+    _parse_models = field_validator("models", mode="before")(_parse_models)
+    _names = field_validator("models")(_check_model_names)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
 
 def queue_settings(**overrides: Any) -> QueueSettings:
@@ -87,3 +151,8 @@ def queue_settings(**overrides: Any) -> QueueSettings:
 def worker_settings(**overrides: Any) -> WorkerSettings:
     """Environment, then the given overrides (None means 'not given'), for example from the CLI."""
     return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def gateway_settings(**overrides: Any) -> GatewaySettings:
+    """Environment, then the given overrides (None means 'not given'), for example from the CLI."""
+    return GatewaySettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..ldm.samplers import SAMPLERS
+from ..gateway.catalog import (
+    SAMPLERS,
+)  # the engine's names, without importing torch (a test keeps them equal)
 from ..paths import bundled_model
 
 log = logging.getLogger(__name__)

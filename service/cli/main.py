@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import evaluate, generate, train, worker
+from . import client, evaluate, gateway, generate, train, up, worker
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     generate.register(commands)
     worker.register(commands)
+    gateway.register(commands)
+    up.register(commands)
+    client.register(commands)
     train.register(commands)
     evaluate.register(commands)
     return parser

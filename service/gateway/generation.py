@@ -1,0 +1,179 @@
+"""What both front ends do with a generation request: validate, enqueue one job per image, wait for the
+jobs to end, collect the PNGs. HTTP (`routes_*.py`) and gRPC (`grpc_server.py`) only translate.
+
+A request for n images is n jobs with seeds seed .. seed + n - 1, enqueued together or not at all.
+Its `id` is the first job's id; `job_ids` lists all n, each followed on its own (status, events,
+cancel, result), so grouping needs no state of its own in Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..queue import keys
+from ..queue.spec import JobState, JobStatus
+from ..settings import GatewaySettings
+from .auth import ApiKeys
+from .catalog import SAMPLERS, Catalog
+from .errors import (
+    GatewayError,
+    InvalidField,
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    NotFound,
+    QueueFull,
+    Unauthenticated,
+    WaitTimeout,
+)
+from .jobs import JobService
+from .metrics import GatewayMetrics
+from .validation import GenerateInput, plan
+
+REJECTION_REASONS: dict[type[GatewayError], str] = {
+    InvalidField: "invalid",
+    NotFound: "unknown_model",
+    QueueFull: "queue_full",
+    Unauthenticated: "unauthenticated",
+}
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: str  # the first job's id
+    model: str
+    job_ids: list[str]
+    seeds: list[int]
+    received: float  # time.monotonic() when the request came in
+
+
+@dataclass(frozen=True)
+class Image:
+    job_id: str
+    seed: int
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Generated:
+    id: str
+    model: str
+    job_ids: list[str]
+    images: list[Image]
+    timings: dict[str, float]  # queue_ms, inference_ms, total_ms
+
+
+class Gateway:
+    """The state both front ends share: settings, models, the job queue, API keys, metrics."""
+
+    def __init__(
+        self, settings: GatewaySettings, catalog: Catalog, jobs: JobService, metrics: GatewayMetrics
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.jobs = jobs
+        self.metrics = metrics
+        self.api_keys = ApiKeys(settings.api_keys)
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's owner id (see auth.py)."""
+        try:
+            return self.api_keys.owner(authorization)
+        except Unauthenticated:
+            self.metrics.rejected.labels("unauthenticated").inc()
+            raise
+
+    async def submit(self, request: GenerateInput, owner: str) -> Submission:
+        """Validates and enqueues; refusals (422, 404, 429) are counted by reason, nothing enqueued."""
+        received = time.monotonic()
+        try:
+            job_plan = plan(request, self.catalog, self.settings)
+            job_ids = await self.jobs.submit(job_plan.model.name, job_plan.specs, owner)
+        except (InvalidField, NotFound, QueueFull) as e:
+            self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
+            raise
+        model = job_plan.model.name
+        self.metrics.submitted.labels(model).inc(len(job_ids))
+        return Submission(job_ids[0], model, job_ids, job_plan.seeds, received)
+
+    async def finish(self, submission: Submission, timeout_s: float | None = None) -> Generated:
+        """Waits for the submission's jobs and collects their images; WaitTimeout (the jobs go on),
+        JobCancelled, JobExpired or JobFailed otherwise."""
+        timeout = self.settings.request_timeout_s
+        timeout = timeout if timeout_s is None else min(timeout, timeout_s)
+        remaining = timeout - (time.monotonic() - submission.received)
+        ids = submission.job_ids
+        if remaining <= 0 or not await self.jobs.wait(ids, remaining):
+            raise WaitTimeout(
+                f"no result within {timeout:g} s; the job goes on: follow /v1/jobs/{submission.id}", ids
+            )
+        return await self.collect(submission)
+
+    async def collect(self, submission: Submission) -> Generated:
+        states = [await self.jobs.get(job_id) for job_id in submission.job_ids]
+        images = []
+        for job_id, seed, state in zip(submission.job_ids, submission.seeds, states, strict=True):
+            if state is None:
+                raise JobFailed(f"job {job_id} expired from the queue before its result was read", [job_id])
+            check_succeeded(state)
+            png = await self.jobs.result(job_id)
+            if png is None:
+                raise JobFailed(f"the result of job {job_id} has expired", [job_id])
+            images.append(Image(job_id, seed, png))
+        done = [s for s in states if s is not None]
+        waited = time.monotonic() - submission.received
+        self.metrics.wait_seconds.labels(submission.model).observe(waited)
+        timings = {
+            "queue_ms": max(((s.started or s.created) - s.created) for s in done) * 1000,
+            "inference_ms": max(((s.finished or 0) - (s.started or 0)) for s in done) * 1000,
+            "total_ms": waited * 1000,
+        }
+        return Generated(submission.id, submission.model, submission.job_ids, images, timings)
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The models served, as /v1/models and ListModels give them."""
+        live = await self.jobs.workers_by_model()
+        models = []
+        for name in self.catalog.names():
+            info = self.catalog.get(name)
+            assert info is not None
+            models.append(
+                {
+                    "name": name,
+                    "default": name == self.catalog.default,
+                    "family": info.family,
+                    "width": info.native_size,
+                    "height": info.native_size,
+                    "size_multiple": info.size_multiple,
+                    "default_steps": info.default_steps,
+                    "default_guidance_scale": info.default_guidance,
+                    "default_sampler": info.default_sampler,
+                    "samplers": list(SAMPLERS),
+                    "inpainting": info.inpainting,
+                    "live_workers": live.get(name, 0),
+                    "source": info.source,
+                }
+            )
+        return models
+
+    async def owned_job(self, job_id: str, owner: str) -> JobState:
+        """The job, if it exists and the caller may see it; NotFound otherwise (the same for both)."""
+        state = await self.jobs.get(job_id) if keys.JOB_ID.match(job_id) else None
+        if state is None or not self.api_keys.may_see(owner, state.owner):
+            raise NotFound(f"no job {job_id!r}")
+        return state
+
+
+def check_succeeded(state: JobState) -> None:
+    if state.status == JobStatus.SUCCEEDED:
+        return
+    ids = [state.id]
+    if state.status == JobStatus.CANCELLED:
+        raise JobCancelled(f"job {state.id} was cancelled", ids)
+    if state.status == JobStatus.EXPIRED:
+        raise JobExpired(f"job {state.id} expired before a worker started it", ids)
+    if state.status == JobStatus.FAILED:
+        raise JobFailed(f"job {state.id} failed: {state.error or 'unknown error'}", ids)
+    raise JobFailed(f"job {state.id} has not ended ({state.status})", ids)

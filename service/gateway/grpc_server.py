@@ -1,0 +1,209 @@
+"""The gRPC front end (`ldm.v1.Images`, grpc.aio), on the HTTP server's event loop, with
+`grpc.health.v1` and server reflection. It translates only: validation, limits, auth and the job
+flow are `generation.py`'s, and each GatewayError carries its status code (`errors.py`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..queue.spec import JobState, JobStatus
+from .errors import GatewayError, WaitTimeout
+from .generation import Gateway, Generated, Submission
+from .grpc_gen import ldm_pb2 as pb
+from .grpc_gen import ldm_pb2_grpc as pb_grpc
+from .validation import GenerateInput
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Images"].full_name  # "ldm.v1.Images"
+T = TypeVar("T")
+EVENT_TYPES = {"running": "started"}
+
+
+class ImagesServicer(pb_grpc.ImagesServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def _call(
+        self, method: str, context: grpc.aio.ServicerContext, body: Callable[[str], Awaitable[T]]
+    ) -> T:
+        """Authenticates, runs the body, maps a GatewayError to its status (aborting the call)."""
+        code = grpc.StatusCode.OK
+        try:
+            metadata = dict(context.invocation_metadata() or ())
+            return await body(self.gateway.authenticate(_text(metadata.get("authorization"))))
+        except GatewayError as e:
+            code = e.grpc_code
+            if e.job_ids:
+                context.set_trailing_metadata((("ldm-job-ids", ",".join(e.job_ids)),))
+            await context.abort(code, e.message)
+            raise  # abort raises; this is for type checkers
+        finally:
+            self.gateway.metrics.grpc_requests.labels(method, code.name).inc()
+
+    def _remaining(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else max(0.0, remaining - 0.05)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateReply:
+        async def body(owner: str) -> pb.GenerateReply:
+            submission = await self.gateway.submit(generate_input(request), owner)
+            return generate_reply(await self.gateway.finish(submission, self._remaining(context)))
+
+        return await self._call("Generate", context, body)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        async def submit(owner: str) -> Submission:
+            return await self.gateway.submit(generate_input(request), owner)
+
+        submission = await self._call("GenerateStream", context, submit)
+        try:
+            async for event in self._events(submission, self._remaining(context)):
+                yield pb.GenerateEvent(job_event=event)
+            yield pb.GenerateEvent(result=generate_reply(await self.gateway.collect(submission)))
+        except GatewayError as e:
+            context.set_trailing_metadata((("ldm-job-ids", ",".join(e.job_ids or submission.job_ids)),))
+            await context.abort(e.grpc_code, e.message)
+
+    async def _events(self, submission: Submission, deadline_s: float | None) -> AsyncIterator[pb.JobEvent]:
+        timeout = self.gateway.settings.request_timeout_s
+        timeout = timeout if deadline_s is None else min(timeout, deadline_s)
+        end = submission.received + timeout
+        index = {job_id: i for i, job_id in enumerate(submission.job_ids)}
+        events = self.gateway.jobs.follow(submission.job_ids, idle_s=min(1.0, timeout))
+        try:
+            async for event in events:
+                if time.monotonic() > end:
+                    raise WaitTimeout(f"no result within {timeout:g} s; the jobs go on", submission.job_ids)
+                if event is None:
+                    continue
+                f = event.fields
+                yield pb.JobEvent(
+                    job_id=event.job_id,
+                    index=index[event.job_id],
+                    type=EVENT_TYPES.get(event.type, event.type),
+                    step=int(f.get("step", 0)),
+                    total=int(f.get("steps", 0)),
+                    error=f.get("error", ""),
+                )
+        finally:
+            await events.aclose()
+
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        async def body(owner: str) -> pb.Job:
+            return await self._job(await self.gateway.owned_job(request.id, owner))
+
+        return await self._call("GetJob", context, body)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        async def body(owner: str) -> pb.Job:
+            await self.gateway.owned_job(request.id, owner)
+            await self.gateway.jobs.cancel(request.id)
+            return await self._job(await self.gateway.owned_job(request.id, owner))
+
+        return await self._call("CancelJob", context, body)
+
+    async def _job(self, state: JobState) -> pb.Job:
+        jobs = self.gateway.jobs
+        job = pb.Job(
+            id=state.id,
+            model=state.model,
+            status=str(state.status),
+            step=state.step,
+            total=state.steps,
+            created=state.created,
+            error=state.error,
+        )
+        position = await jobs.queue_position(state)
+        if position is not None:
+            job.queue_position = position
+        if state.started is not None:
+            job.started = state.started
+        if state.finished is not None:
+            job.finished = state.finished
+        if state.status == JobStatus.SUCCEEDED and (png := await jobs.result(state.id)) is not None:
+            spec = await jobs.spec(state.id)
+            job.result.CopyFrom(
+                pb.Image(job_id=state.id, seed=spec.seed if spec and spec.seed else 0, png=png)
+            )
+        return job
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsReply:
+        async def body(_owner: str) -> pb.ListModelsReply:
+            models = await self.gateway.models()
+            return pb.ListModelsReply(
+                models=[pb.Model(**{k: v for k, v in m.items() if k != "source"}) for m in models]
+            )
+
+        return await self._call("ListModels", context, body)
+
+
+def generate_input(request: pb.GenerateRequest) -> GenerateInput:
+    def opt(field: str) -> Any:
+        return getattr(request, field) if request.HasField(field) else None
+
+    return GenerateInput(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=opt("width"),
+        height=opt("height"),
+        steps=opt("steps"),
+        guidance_scale=opt("guidance_scale"),
+        sampler=opt("sampler"),
+        seed=opt("seed"),
+        n=request.n if request.HasField("n") else 1,
+        model=opt("model"),
+        eta=opt("eta"),
+        init_image=request.init_image or None,
+        strength=opt("strength"),
+        mask=request.mask or None,
+    )
+
+
+def generate_reply(generated: Generated) -> pb.GenerateReply:
+    return pb.GenerateReply(
+        id=generated.id,
+        model=generated.model,
+        job_ids=generated.job_ids,
+        images=[pb.Image(job_id=i.job_id, seed=i.seed, png=i.png) for i in generated.images],
+        timings=pb.Timings(**generated.timings),
+    )
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def start_grpc(gateway: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Starts the server on the running event loop; returns it and the port it is bound to."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", gateway.settings.max_body_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    pb_grpc.add_ImagesServicer_to_server(ImagesServicer(gateway), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise RuntimeError(f"gRPC: cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC on %s:%d (%s, health, reflection)", host, bound, SERVICE)
+    return server, bound

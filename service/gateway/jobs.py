@@ -1,0 +1,200 @@
+"""The gateway's side of the job protocol (`service/queue`), for asyncio.
+
+Enqueue, status, result and cancel are the protocol's own `JobStore` calls (Lua scripts, fenced state
+changes), run in a thread: each is one short Redis round trip. Waiting is not: a request that waits for
+its images, an SSE subscriber and a gRPC stream all block on the jobs' event streams with XREAD BLOCK
+on an asyncio client, so a thousand waiting requests hold no thread. Events are replayed from the
+start of the stream (or after a given event id), so a late subscriber misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import redis
+import redis.asyncio
+
+from ..queue import keys
+from ..queue.jobs import JobStore, text
+from ..queue.jobs import QueueFull as StoreFull
+from ..queue.spec import TERMINAL, JobSpec, JobState, JobStatus
+from .errors import QueueFull, Unavailable
+
+T = TypeVar("T")
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+BLOCK_S = 5.0  # longest single XREAD BLOCK; callers see an idle tick (None) after each empty one
+TERMINAL_TYPES = frozenset(str(s) for s in TERMINAL)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's event stream: queued, running, progress (step, steps) or a terminal status."""
+
+    job_id: str
+    id: str  # the stream entry id: the resume point (SSE `id:`)
+    type: str
+    fields: dict[str, str]
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+
+class JobService:
+    def __init__(self, store: JobStore, client: redis.asyncio.Redis, retry_after_s: int) -> None:
+        self.store = store
+        self.client = client
+        self.retry_after_s = retry_after_s
+
+    async def _run(self, call: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(call, *args)
+        except REDIS_ERRORS as e:
+            raise Unavailable(f"the job queue is unavailable: {e}") from None
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def submit(self, model: str, specs: list[JobSpec], owner: str) -> list[str]:
+        """Enqueues all the specs or none: a request for n images is refused whole when the backlog
+        has no room for n (429), checked before anything is enqueued."""
+        return await self._run(self._submit, model, specs, owner)
+
+    def _submit(self, model: str, specs: list[JobSpec], owner: str) -> list[str]:
+        store = self.store
+        backlog = store.backlog(model)
+        if backlog + len(specs) > store.max_backlog:
+            raise self._full(model, backlog)
+        job_ids: list[str] = []
+        try:
+            for spec in specs:
+                job_ids.append(store.enqueue(model, spec, owner=owner))
+        except StoreFull as e:  # lost a race with another gateway: take back what went in
+            for job_id in job_ids:
+                store.cancel(job_id)
+            raise self._full(model, e.backlog) from None
+        return job_ids
+
+    def _full(self, model: str, backlog: int) -> QueueFull:
+        return QueueFull(
+            f"the queue of model {model!r} is full ({backlog} jobs waiting or running); retry later",
+            self.retry_after_s,
+        )
+
+    async def cancel(self, job_id: str) -> JobStatus | None:
+        return await self._run(self.store.cancel, job_id)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobState | None:
+        return await self._run(self.store.get, job_id)
+
+    async def spec(self, job_id: str) -> JobSpec | None:
+        return await self._run(self.store.spec, job_id)
+
+    async def result(self, job_id: str) -> bytes | None:
+        return await self._run(self.store.result, job_id)
+
+    async def queue_position(self, state: JobState) -> int | None:
+        """Jobs ahead of a queued one in its model's stream (0: next), None when not queued. Entries
+        past the group's last delivered id are the undelivered ones; the backlog bounds the count."""
+        if state.status != JobStatus.QUEUED:
+            return None
+        try:
+            entry = text(await self.client.hget(keys.job(state.id), "entry"))
+            stream = keys.jobs(state.model)
+            last = "0-0"
+            try:
+                groups = await self.client.xinfo_groups(stream)
+            except redis.ResponseError:  # no stream or no group yet: no worker ever read it
+                groups = []
+            for group in groups:
+                if text(group.get("name")) == keys.GROUP:
+                    last = text(group.get("last-delivered-id")) or "0-0"
+            if not entry or _entry_key(entry) <= _entry_key(last):
+                return 0
+            ahead: Any = await self.client.xrange(
+                stream, min=f"({last}", max=f"({entry}", count=self.store.max_backlog
+            )
+        except REDIS_ERRORS as e:
+            raise Unavailable(f"the job queue is unavailable: {e}") from None
+        return len(ahead)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except REDIS_ERRORS:
+            return False
+
+    def queue_gauges(self, models: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+        """Backlog and live workers per model (blocking; for the /metrics scrape)."""
+        return {model: self.store.backlog(model) for model in models}, self.live_workers()
+
+    def live_workers(self) -> dict[str, int]:
+        """Workers whose heartbeat is live, per model they serve (blocking)."""
+        names = self.store.workers()
+        counts: dict[str, int] = {}
+        beats = self.store.redis.mget([keys.worker(name) for name in names]) if names else []
+        for raw in cast(list[Any], beats):
+            try:
+                models = json.loads(text(raw)).get("models", []) if raw else []
+            except (ValueError, AttributeError):
+                continue
+            for model in models:
+                counts[model] = counts.get(model, 0) + 1
+        return counts
+
+    async def workers_by_model(self) -> dict[str, int]:
+        return await self._run(self.live_workers)
+
+    # -- waiting ----------------------------------------------------------------------------------
+
+    async def follow(
+        self, job_ids: list[str], after: dict[str, str] | None = None, idle_s: float = BLOCK_S
+    ) -> AsyncGenerator[Event | None, None]:
+        """The events of the jobs in order (per job), from the start or after the given ids, until
+        every job has ended; None after each `idle_s` without an event (a tick for keepalives and
+        deadlines). A job whose event stream has expired is never followed to its end: callers bound
+        their wait."""
+        last = {job_id: (after or {}).get(job_id, "0-0") for job_id in job_ids}
+        open_jobs = set(job_ids)
+        block_ms = max(1, int(min(idle_s, BLOCK_S) * 1000))
+        while open_jobs:
+            streams = {keys.events(job_id): last[job_id] for job_id in job_ids if job_id in open_jobs}
+            try:
+                reply: Any = await self.client.xread(streams, count=100, block=block_ms)  # type: ignore[arg-type]
+            except REDIS_ERRORS as e:
+                raise Unavailable(f"the job queue is unavailable: {e}") from None
+            if not reply:
+                yield None
+                continue
+            for stream, entries in reply:
+                job_id = text(stream).rsplit(":", 1)[-1]
+                for entry_id, raw in entries:
+                    fields = {text(k): text(v) for k, v in raw.items()}
+                    event = Event(job_id, text(entry_id), fields.get("type", ""), fields)
+                    last[job_id] = event.id
+                    if event.terminal:
+                        open_jobs.discard(job_id)
+                    yield event
+
+    async def wait(self, job_ids: list[str], timeout_s: float) -> bool:
+        """Waits until every job has ended; False if `timeout_s` passed first (the jobs go on)."""
+        events = self.follow(job_ids)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _event in events:
+                    pass
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            await events.aclose()
+
+
+def _entry_key(entry: str) -> tuple[int, int]:
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0)

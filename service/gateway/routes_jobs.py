@@ -1,0 +1,136 @@
+"""GET and DELETE /v1/jobs/{id}, and its server-sent events: the asynchronous side of the API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..queue.spec import JobState, JobStatus
+from .deps import Caller, GatewayDep
+from .generation import Gateway
+from .jobs import Event
+from .schemas import ErrorPublic, ImagePublic, JobPublic, ProgressPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorPublic, "description": "no valid API key"},
+    404: {"model": ErrorPublic, "description": "no such job (or another key's)"},
+    503: {"model": ErrorPublic, "description": "the job queue (Redis) is unavailable"},
+}
+# The protocol's event types, as the API names them: a worker's `running` is the job having started.
+SSE_TYPES = {"running": "started"}
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    responses={
+        **NOT_FOUND,
+        200: {"content": {"image/png": {}}, "description": "the job; its PNG with Accept"},
+    },
+)
+async def get_job(job_id: str, request: Request, gateway: GatewayDep, owner: Caller) -> Response:
+    """Status, progress, queue position, and the result when done (`Accept: image/png`: the PNG itself,
+    404 until the job has succeeded)."""
+    state = await gateway.owned_job(job_id, owner)
+    png = await gateway.jobs.result(job_id) if state.status == JobStatus.SUCCEEDED else None
+    if "image/png" in request.headers.get("accept", "") and "json" not in request.headers.get("accept", ""):
+        if png is None:
+            return JSONResponse({"detail": f"job {job_id} has no image ({state.status})"}, status_code=404)
+        return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
+    return JSONResponse((await job_public(gateway, state, png)).model_dump(mode="json"))
+
+
+@router.delete("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+async def cancel_job(job_id: str, gateway: GatewayDep, owner: Caller) -> JobPublic:
+    """Cancels a queued or running job (a running one stops at its next step); a job that has already
+    ended keeps its status."""
+    await gateway.owned_job(job_id, owner)
+    await gateway.jobs.cancel(job_id)
+    return await job_public(gateway, await gateway.owned_job(job_id, owner), None)
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "the job's events"}},
+)
+async def job_events(
+    job_id: str,
+    gateway: GatewayDep,
+    owner: Caller,
+    last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
+) -> StreamingResponse:
+    """Server-sent events, replayed from the start: `queued`, `started`, `progress` (step, total), then
+    `succeeded`, `failed`, `cancelled` or `expired`, after which the stream ends."""
+    await gateway.owned_job(job_id, owner)
+    after = {job_id: last_event_id} if last_event_id and _is_event_id(last_event_id) else None
+    return StreamingResponse(
+        _sse(gateway, job_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(gateway: Gateway, job_id: str, after: dict[str, str] | None) -> AsyncIterator[str]:
+    """The job's events as SSE messages; a comment after `sse_keepalive_s` of quiet (proxies close idle
+    streams), and the end of the stream if the job's records expire meanwhile."""
+    keepalive = gateway.settings.sse_keepalive_s
+    events = gateway.jobs.follow([job_id], after, idle_s=keepalive)
+    last_sent = time.monotonic()
+    try:
+        async for event in events:
+            if event is not None:
+                yield sse_message(event)
+            elif await gateway.jobs.get(job_id) is None:
+                return
+            elif time.monotonic() - last_sent >= keepalive:
+                yield ": keepalive\n\n"
+            else:
+                continue
+            last_sent = time.monotonic()
+    finally:
+        await events.aclose()
+
+
+def sse_message(event: Event) -> str:
+    kind = SSE_TYPES.get(event.type, event.type)
+    data: dict[str, Any] = {"job_id": event.job_id, "type": kind, "time": float(event.fields.get("time", 0))}
+    if event.type == "progress":
+        data |= {"step": int(event.fields.get("step", 0)), "total": int(event.fields.get("steps", 0))}
+    if "error" in event.fields:
+        data["error"] = event.fields["error"]
+    if event.type == JobStatus.SUCCEEDED:
+        data["location"] = f"/v1/jobs/{event.job_id}"
+    return f"id: {event.id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+async def job_public(gateway: Gateway, state: JobState, png: bytes | None) -> JobPublic:
+    result = None
+    if png is not None:
+        spec = await gateway.jobs.spec(state.id)
+        seed = spec.seed if spec is not None and spec.seed is not None else 0
+        result = ImagePublic(job_id=state.id, seed=seed, png_base64=base64.b64encode(png).decode())
+    return JobPublic(
+        id=state.id,
+        model=state.model,
+        status=str(state.status),
+        queue_position=await gateway.jobs.queue_position(state),
+        progress=ProgressPublic(step=state.step, total=state.steps),
+        created=state.created,
+        started=state.started,
+        finished=state.finished,
+        error=state.error,
+        result=result,
+    )
+
+
+def _is_event_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and seq.isdigit() and len(value) < 40
