@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 from safetensors import safe_open
 
 from service.demo import recipe
+from service.demo.checker import grade, read_image
+from service.demo.shapes import POSITIONS, Asked, caption_for
 from service.demo.train import export_model, load_autoencoder, lr_at, train_autoencoder, train_unet
 from service.ldm.checkpoint import CONFIG_METADATA_KEY, load_model
 from service.ldm.config import ModelConfig
@@ -41,9 +44,16 @@ def test_two_phases_resume_and_export(tmp_path: Path) -> None:
     model = load_model(path.parent)
     assert model.config.family == "custom"
     assert model.config.unet == recipe.UNET
+    assert model.config.prediction == TINY_UNET.prediction == "v"
     engine = Engine(model)
     [result] = engine.generate([GenerationRequest("a red circle", steps=2, seed=0)])
     assert result.image is not None and result.image.size == (recipe.IMAGE_SIZE, recipe.IMAGE_SIZE)
+
+
+def test_unknown_prediction_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prediction"):
+        train_unet(tmp_path / "unet", tmp_path / "ae", replace(TINY_UNET, prediction="x0"))
+    assert not (tmp_path / "unet").exists()
 
 
 shipped = pytest.mark.skipif(not bundled_model().is_dir(), reason="the demo model is not in models/ yet")
@@ -69,3 +79,21 @@ def test_shipped_model_draws_something() -> None:
     pixels = np.asarray(result.image)
     assert pixels.shape == (engine.config.sample_size, engine.config.sample_size, 3)
     assert pixels.std() > 10  # not a constant image
+
+
+@shipped
+def test_shipped_model_puts_shapes_where_the_caption_says() -> None:
+    """Position is the attribute the model learned last (an eps-trained model ignored it): one shape
+    per position and colour, graded by the analytic checker."""
+    engine = Engine.load(bundled_model())
+    asked = [
+        Asked(colour=colour, shape=shape, size="large", position=position)
+        for colour, shape in (("red", "square"), ("cyan", "circle"))
+        for position in POSITIONS
+    ]
+    requests = [GenerationRequest(caption_for(a), seed=10 + i) for i, a in enumerate(asked)]
+    placed = [
+        grade(read_image(np.asarray(result.image)), a)["position"]
+        for a, result in zip(asked, engine.generate(requests), strict=True)
+    ]
+    assert sum(placed) >= 8, placed

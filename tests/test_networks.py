@@ -290,20 +290,3 @@ def test_sizes_that_do_not_halve_evenly_match_diffusers() -> None:
         expected = reference.eval()(x, t, encoder_hidden_states=context).sample
     assert out.shape == (2, cfg.out_channels, 9, 13)
     assert_close(out, expected, 1e-4)
-
-
-def test_coordinate_channels_feed_the_first_conv() -> None:
-    """CoordConv (the demo model): the UNet appends x/y maps to its input, so position words can
-    be learned by a translation-equivariant network."""
-    cfg = UNetConfig(**{**SD1_TINY.__dict__, "in_channels": 6, "coord_channels": 2})
-    unet = randomize(UNet(cfg), seed=9)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    t = torch.tensor([500.0])
-    context = torch.randn(1, 3, cfg.context_dim, generator=g)
-    with torch.no_grad():
-        out = unet(x, t, context)
-        unet.input_blocks[0][0].weight[:, 4:] = 0  # cut the coordinate channels off
-        blind = unet(x, t, context)
-    assert out.shape == blind.shape == (1, 4, 8, 8)
-    assert (out - blind).abs().max() > 1e-3

@@ -17,8 +17,7 @@ AUTOENCODER = AutoencoderConfig(
     base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, scaling_factor=1.0
 )
 UNET = UNetConfig(
-    in_channels=6,  # 4 latent channels + 2 coordinate channels
-    coord_channels=2,
+    in_channels=4,
     out_channels=4,
     model_channels=64,
     channel_mult=(1, 2, 2),
@@ -45,11 +44,11 @@ def text_config(vocab_size: int) -> TextEncoderConfig:
     )
 
 
-def model_config(vocab_size: int, scaling_factor: float) -> ModelConfig:
+def model_config(vocab_size: int, scaling_factor: float, prediction: str = "v") -> ModelConfig:
     autoencoder = AutoencoderConfig(**{**AUTOENCODER.__dict__, "scaling_factor": scaling_factor})
     return ModelConfig(
         family="custom",
-        prediction="eps",
+        prediction=prediction,  # type: ignore[arg-type]
         autoencoder=autoencoder,
         unet=UNET,
         text=text_config(vocab_size),
@@ -81,5 +80,11 @@ class UNetTraining:
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty prompt 10% of the time, so classifier-free guidance works
+    # "v" (Salimans & Ho 2022, as SD 2) or "eps" (LDM, SD 1). Measured on the clean latent, the eps
+    # loss weighs each noise level by its SNR, below 0.1 over the last third of the schedule, where
+    # the layout is decided; v weighs it by SNR + 1. Two eps-trained UNets learned colour, shape and
+    # size but ignored position words (17-19% position accuracy; chance is 20%); a v-trained one
+    # placed 35 of 40 shapes right after 1500 steps.
+    prediction: str = "v"
     pool: int = 40_000  # training images encoded once by the frozen autoencoder
     checkpoint_every: int = 250

@@ -2,9 +2,10 @@
 
 Phase 1 (`train_autoencoder`): perceptual compression, a KL autoencoder trained for reconstruction
 with a small KL term. Phase 2 (`train_unet`): the autoencoder frozen, a UNet and a CLIP text
-encoder trained on its latents with the DDPM eps objective (LDM eq. 2), captions dropped 10% of
-the time for classifier-free guidance. Both phases are seeded and resumable: state is saved every
-few hundred steps, and the data of step i depends only on (seed, i).
+encoder trained on its latents with the DDPM objective (LDM eq. 2, in its v-prediction form by
+default, see recipe.UNetTraining.prediction), captions dropped 10% of the time for classifier-free
+guidance. Both phases are seeded and resumable: state is saved every few hundred steps, and the
+data of step i depends only on (seed, i).
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def random_caption(spec: shapes.ShapeSpec, rng: np.random.Generator, dropout: fl
 
 def train_unet(out: Path, autoencoder_dir: Path, settings: recipe.UNetTraining, seed: int = 0) -> Path:
     """Trains (or resumes) the UNet and text encoder on frozen latents in `out`."""
+    if settings.prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', got {settings.prediction!r}")
     torch.manual_seed(seed)
     tokenizer_dir = out / "tokenizer"
     if not (tokenizer_dir / "vocab.json").is_file():
@@ -220,7 +223,8 @@ def train_unet(out: Path, autoencoder_dir: Path, settings: recipe.UNetTraining, 
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise  # DDPM forward process q(x_t | x_0)
         context = text(input_ids=token_ids(captions)).last_hidden_state  # (B, 77, D)
-        loss = F.mse_loss(unet(x_t, t.float(), context), noise)
+        target = noise if settings.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z
+        loss = F.mse_loss(unet(x_t, t.float(), context), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -255,7 +259,8 @@ def export_model(unet_dir: Path, autoencoder_dir: Path, target: Path) -> Path:
         raise FileNotFoundError(f"no UNet training state in {unet_dir}: run `ldm train unet` first")
     unet.load_state_dict(ema_unet.state_dict())
     text.load_state_dict(ema_text.state_dict())
-    config = recipe.model_config(len(tokenizer), float(meta["scaling_factor"]))
+    # States written before the setting existed were trained on eps.
+    config = recipe.model_config(len(tokenizer), float(meta["scaling_factor"]), meta.get("prediction", "eps"))
     # fp16 on disk halves the download-free repo size; the loader upcasts to the engine's dtype.
     for module in (unet, autoencoder, text):
         module.half()

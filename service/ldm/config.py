@@ -46,10 +46,6 @@ class UNetConfig:
     num_heads: int | None = 8  # SD 1.x: a fixed number of heads in every attention layer
     head_dim: int | None = None  # SD 2.x: a fixed head width (64); exactly one of the two is set
     use_linear_projection: bool = False  # SD 2.x: proj_in / proj_out are Linear, not 1x1 conv
-    # CoordConv (Liu et al. 2018): the UNet appends this many coordinate channels (x, y in [-1, 1])
-    # to its input, counted in `in_channels`. 0 for SD; the demo model uses 2, since it must put
-    # shapes where captions say and convolutions are translation-equivariant.
-    coord_channels: int = 0
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of an attention layer over `channels` channels."""

@@ -229,15 +229,6 @@ class TimestepSequential(nn.ModuleList):
         return x
 
 
-def coordinates(x: Tensor) -> Tensor:
-    """(B, 2, h, w) maps of the x and y coordinate of each position, in [-1, 1] (CoordConv)."""
-    B, _, h, w = x.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
-    return torch.stack([grid_x, grid_y]).expand(B, 2, h, w)
-
-
 class UNet(nn.Module):
     """eps- (or v-) prediction network: (noisy latent, timestep, text context) -> same shape as x."""
 
@@ -305,8 +296,6 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         if context_mask is not None and context_mask.dtype != torch.bool:
             raise ValueError("context_mask must be a bool tensor (True = attend)")
-        if self.cfg.coord_channels:
-            x = torch.cat([x, coordinates(x)], dim=1)  # (B, in_channels, h, w)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
         skips: list[Tensor] = []
         h = x
