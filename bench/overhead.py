@@ -23,8 +23,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import httpx
+import redis
 import torch
 
+from bench.latency import LatencyProxy
 from service.ldm.engine import Engine, GenerationRequest
 from service.ldm.images import png_bytes
 from service.paths import bundled_model
@@ -42,6 +44,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per side (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--redis-latency-ms",
+        type=float,
+        default=0.0,
+        help="added to every Redis round trip of the worker and gateway, through a loopback proxy, "
+        "to stand in for a Redis on another machine (default: %(default)s)",
+    )
     return p.parse_args()
 
 
@@ -70,9 +79,14 @@ def main() -> None:
 
         server = RedisServer(folder / "redis")
         server.start()
+        url = server.url
+        proxy = None
+        if args.redis_latency_ms > 0:
+            proxy = LatencyProxy(server.port, args.redis_latency_ms / 1000).start()
+            url = f"redis://127.0.0.1:{proxy.port}/0"
         env = {"LDM_TEST_FAULTS": "0", "LDM_LOG_LEVEL": "WARNING"}
-        worker = WorkerProcess("bench", server.url, {"bench": model}, folder, max_wait_ms=0, env=env).start()
-        gateway = GatewayProcess(server.url, {"bench": model}, folder, {"LDM_LOG_LEVEL": "WARNING"})
+        worker = WorkerProcess("bench", url, {"bench": model}, folder, max_wait_ms=0, env=env).start()
+        gateway = GatewayProcess(url, {"bench": model}, folder, {"LDM_LOG_LEVEL": "WARNING"})
         try:
             gateway.start()
             worker.wait_ready(server.client(), timeout_s=120)
@@ -90,10 +104,29 @@ def main() -> None:
                 report(which, model, resolved, args, in_process, service)
                 medians = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items())
                 print(f"HTTP side, p50 of the answers' timings (warm-up included): {medians}")
+                if proxy is not None:
+                    direct, delayed = ping_ms(server.url), ping_ms(url)
+                    print(
+                        f"Redis round trip (PING p50): direct {direct:.2f} ms, through the proxy the worker "
+                        f"and gateway use {delayed:.2f} ms (--redis-latency-ms {args.redis_latency_ms})"
+                    )
         finally:
             worker.stop()
             gateway.stop()
             server.kill()
+            if proxy is not None:
+                proxy.stop()
+
+
+def ping_ms(url: str, n: int = 200) -> float:
+    client = redis.Redis.from_url(url)
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        client.ping()
+        times.append((time.perf_counter() - started) * 1000)
+    client.close()
+    return statistics.median(times)
 
 
 def report(which: str, model: Path, resolved: object, args: argparse.Namespace, *sides: object) -> None:

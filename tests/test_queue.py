@@ -234,3 +234,47 @@ def test_the_protocol_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_progress_reads_new_entries_in_the_same_round_trip(store: JobStore, client: redis.Redis) -> None:
+    """A busy worker looks for jobs to join its batch with every progress publication."""
+    first = store.enqueue(MODEL, SPEC)
+    queue = worker_queue(client, "w")
+    lease = claim_new(queue)
+    queue.start([lease])
+    assert queue.progress_and_read([(lease, 1, 4)], [MODEL], 2) == ({first: "running"}, [])
+    second, third = store.enqueue(MODEL, SPEC), store.enqueue(MODEL, SPEC)
+    statuses, entries = queue.progress_and_read([(lease, 2, 4)], [MODEL], 1)
+    assert statuses == {first: "running"}
+    assert [e.job_id for e in entries] == [second]  # no more than asked for
+    assert [e.job_id for e in queue.read([MODEL], 5, None)] == [third]
+    types = [e["type"] for _, e in store.events(first)]
+    assert types == ["queued", "running", "progress", "progress"]
+
+
+def test_progress_survives_a_lost_consumer_group(store: JobStore, client: redis.Redis) -> None:
+    job_id = store.enqueue(MODEL, SPEC)
+    queue = worker_queue(client, "w")
+    lease = claim_new(queue)
+    queue.start([lease])
+    client.xgroup_destroy(keys.jobs(MODEL), keys.GROUP)
+    statuses, entries = queue.progress_and_read([(lease, 1, 4)], [MODEL], 1)
+    assert entries == [] and job_id in statuses
+    assert client.xinfo_groups(keys.jobs(MODEL))[0]["name"] == keys.GROUP.encode()  # created again
+
+
+def test_pipelined_scripts_survive_an_empty_script_cache(store: JobStore, client: redis.Redis) -> None:
+    """Pipelines send EVALSHA without asking SCRIPT EXISTS first; after a Redis restart the cache is
+    empty, and the scripts are loaded again on NOSCRIPT."""
+    first, second = store.enqueue(MODEL, SPEC), store.enqueue(MODEL, SPEC)
+    queue = worker_queue(client, "w")
+    client.script_flush()
+    leases = [c.lease for c in queue.claim(queue.read([MODEL], count=2, block_ms=None))]
+    assert [lease.job_id for lease in leases if lease is not None] == [first, second]
+    client.script_flush()
+    assert queue.start([lease for lease in leases if lease is not None]) == ["running", "running"]
+    client.script_flush()
+    statuses, _ = queue.progress_and_read(
+        [(lease, 1, 4) for lease in leases if lease is not None], [MODEL], 1
+    )
+    assert statuses == {first: "running", second: "running"}

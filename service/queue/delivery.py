@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from . import keys
 from .jobs import text
@@ -96,8 +97,8 @@ class WorkerQueue:
         """New entries, at most `count` per stream; block_ms None does not wait."""
         if count <= 0 or not models:
             return []
-        streams: Any = {keys.jobs(m): ">" for m in models}
         try:
+            streams = self._streams(models)
             reply: Any = self.redis.xreadgroup(keys.GROUP, self.worker, streams, count=count, block=block_ms)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
@@ -105,6 +106,14 @@ class WorkerQueue:
             log.warning("consumer group missing (Redis lost its data?): creating it again")
             self.ensure_groups()
             return []
+        return self._entries(models, reply)
+
+    @staticmethod
+    def _streams(models: Sequence[str]) -> Any:
+        return {keys.jobs(m): ">" for m in models}
+
+    @staticmethod
+    def _entries(models: Sequence[str], reply: Any) -> list[Entry]:
         by_stream = {keys.jobs(m): m for m in models}
         return [
             Entry(by_stream[text(stream)], text(entry_id), text(fields.get(b"job")))
@@ -128,12 +137,11 @@ class WorkerQueue:
 
     def claim(self, entries: Sequence[Entry]) -> list[Claimed]:
         """Takes the next attempt of each entry's job, or dead-letters a job delivered too often."""
-        pipe = self.redis.pipeline(transaction=False)
         now = time.time()
-        for e in entries:
-            self._scripts["claim"](
-                keys=[keys.jobs(e.model), keys.job(e.job_id), keys.events(e.job_id), keys.dead(e.model)],
-                args=[
+        calls = [
+            (
+                [keys.jobs(e.model), keys.job(e.job_id), keys.events(e.job_id), keys.dead(e.model)],
+                [
                     keys.GROUP,
                     e.entry,
                     self.worker,
@@ -143,10 +151,11 @@ class WorkerQueue:
                     e.job_id,
                     e.model,
                 ],
-                client=pipe,
             )
+            for e in entries
+        ]
         out = []
-        for e, reply in zip(entries, pipe.execute(), strict=True):
+        for e, reply in zip(entries, self._pipelined("claim", calls), strict=True):
             outcome = text(reply[0])
             if outcome != "claimed":
                 out.append(Claimed(e, outcome, detail=text(reply[1]) if len(reply) > 1 else ""))
@@ -175,16 +184,35 @@ class WorkerQueue:
     def progress(self, items: Iterable[tuple[Lease, int, int]]) -> dict[str, str]:
         """Publishes (lease, step, steps) and returns each job's status (`stale` when superseded):
         a job that is no longer `running` leaves the batch."""
+        statuses, _ = self.progress_and_read(items, (), 0)
+        return statuses
+
+    def progress_and_read(
+        self, items: Iterable[tuple[Lease, int, int]], models: Sequence[str], count: int
+    ) -> tuple[dict[str, str], list[Entry]]:
+        """`progress(items)` and `read(models, count, None)` in one round trip: a busy worker looks
+        for jobs to join its batch at every step, and this keeps that look off the step's path."""
         items = list(items)
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for lease, step, steps in items:
-            self._scripts["progress"](
-                keys=lease.keys(),
-                args=[keys.GROUP, lease.entry, lease.attempt, step, steps, now, self.result_ttl_s],
-                client=pipe,
-            )
-        return {lease.job_id: text(r) for (lease, _, _), r in zip(items, pipe.execute(), strict=True)}
+        calls = [
+            (lease.keys(), [keys.GROUP, lease.entry, lease.attempt, step, steps, now, self.result_ttl_s])
+            for lease, step, steps in items
+        ]
+        reading = bool(models) and count > 0
+        streams = self._streams(models)
+        read = (
+            (lambda pipe: pipe.xreadgroup(keys.GROUP, self.worker, streams, count=count)) if reading else None
+        )
+        replies = self._pipelined("progress", calls, read)
+        read_reply = replies.pop() if reading else None
+        statuses = {lease.job_id: text(r) for (lease, _, _), r in zip(items, replies, strict=True)}
+        if isinstance(read_reply, redis.ResponseError) and "NOGROUP" in str(read_reply):
+            log.warning("consumer group missing (Redis lost its data?): creating it again")
+            self.ensure_groups()
+            return statuses, []
+        if isinstance(read_reply, Exception):
+            raise read_reply
+        return statuses, self._entries(models, read_reply)
 
     def finish(self, lease: Lease, status: JobStatus, *, png: bytes = b"", error: str = "") -> str:
         """Stores the outcome (and the PNG) once, acknowledges the delivery; `ok`, `stale`, or the
@@ -246,7 +274,40 @@ class WorkerQueue:
     def _each(self, script: str, leases: Sequence[Lease], args: Any) -> list[str]:
         if not leases:
             return []
+        return [text(r) for r in self._pipelined(script, [(lease.keys(), args(lease)) for lease in leases])]
+
+    def _pipelined(
+        self,
+        script: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        then: Callable[[Pipeline], object] | None = None,
+    ) -> list[Any]:
+        """Runs `script` once per (keys, args), then whatever `then` adds, in one round trip.
+
+        EVALSHA is sent directly: redis-py's pipelined Script objects ask SCRIPT EXISTS first, a
+        second round trip on every call. A NOSCRIPT reply (Redis restarted with an empty script
+        cache) loads the script and runs the calls that got it again. Script errors are raised;
+        the replies of what `then` added are returned as they came, errors included.
+        """
+        sha = self._scripts[script].sha
         pipe = self.redis.pipeline(transaction=False)
-        for lease in leases:
-            self._scripts[script](keys=lease.keys(), args=args(lease), client=pipe)
-        return [text(r) for r in pipe.execute()]
+        for call_keys, args in calls:
+            pipe.evalsha(sha, len(call_keys), *call_keys, *args)
+        if then is not None:
+            then(pipe)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        missing = [
+            i for i, r in enumerate(replies[: len(calls)]) if isinstance(r, redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            sha = self._scripts[script].sha = self.redis.script_load(SCRIPTS[script])
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                call_keys, args = calls[i]
+                pipe.evalsha(sha, len(call_keys), *call_keys, *args)
+            for i, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        for reply in replies[: len(calls)]:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies

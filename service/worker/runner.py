@@ -4,11 +4,15 @@ One iteration is one denoising step of the running batch (or one wait for work w
 
 1. store the outcomes waiting in the outbox (results survive a Redis outage there);
 2. claim: reclaim idle deliveries (dead or draining workers'), then read new entries, never more
-   than the scheduler has free slots for, so what this worker cannot take stays with idle ones;
+   than the scheduler has free slots for, so what this worker cannot take stays with idle ones
+   (while a batch runs, that read rides in the previous step's progress round trip);
 3. admit: the scheduler picks who joins; expired jobs are ended, the others started and prepared
    (an invalid request fails alone);
 4. step the batch once, publish progress (which reports cancelled and superseded jobs: they leave
-   now), decode the finished members together and store each result, fenced by its attempt.
+   at the next boundary), decode the finished members together and store each result, fenced by
+   its attempt. Progress (and the read of step 2) goes out on a thread of its own while the next
+   step runs, so a busy worker's Redis round trips stay off the denoising path; it is sent in line
+   when members finish, so their last progress event comes before their result.
 
 A keeper thread renews this worker's deliveries and heartbeat while the loop is busy in torch.
 SIGTERM drains: stop claiming, hand back what waits, finish the batch within the grace period, hand
@@ -26,6 +30,7 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 
@@ -85,6 +90,13 @@ class Worker:
         self._drain_deadline: float | None = None
         self._wait_s: float | None = None
         self._next_reclaim = 0.0
+        self._read_ahead = False  # the last step's round trip also read new entries
+        # Progress goes out on a thread of its own, during the next step (see _step).
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        self._io_queue = self._queue()
+        self._in_flight: tuple[Future[tuple[dict[str, str], list[Entry]]], list[tuple[str, Lease]]] | None = (
+            None
+        )
         self._lock = threading.Lock()
         self._superseded: set[Lease] = set()
         self._stop = threading.Event()
@@ -140,6 +152,7 @@ class Worker:
                 time.sleep(delay)
         self._stop.set()
         keeper.join(timeout=5)
+        self._io.shutdown(wait=True)
         with contextlib.suppress(*REDIS_ERRORS):
             self.queue.sign_off()
         log.info("worker %s stopped", self.name)
@@ -152,6 +165,7 @@ class Worker:
 
     def _drain(self) -> bool:
         """One drain iteration; True when the worker may exit."""
+        self._settle()
         waiting = [self.jobs[c.key] for c in self.scheduler.take_waiting()]
         if waiting:
             log.info("draining: handing back %d waiting jobs", len(waiting))
@@ -171,26 +185,36 @@ class Worker:
     # -- claiming ---------------------------------------------------------------------------------
 
     def _claim(self) -> None:
-        free = self.scheduler.free_slots()
-        if self.draining or free == 0:
+        read_ahead, self._read_ahead = self._read_ahead, False
+        models, free = self._read_target()
+        if free == 0:
             return
-        group = self.scheduler.group()
-        models = [group[0]] if isinstance(group, tuple) else list(self.engines)
         now = time.monotonic()
         if now >= self._next_reclaim:
             self._next_reclaim = now + RECLAIM_POLL_S
             self._reclaim(models, free)
-            free = self.scheduler.free_slots()
+            models, free = self._read_target()
             if free == 0:
                 return
         busy = self.batch is not None and len(self.batch) > 0
         if busy:
+            if read_ahead:  # the last step's progress round trip has just looked
+                return
             block: int | None = None
         elif self._wait_s is not None:
             block = max(1, int(self._wait_s * 1000))
         else:
             block = IDLE_BLOCK_MS
         self._take(self.queue.read(models, free, block), reclaimed=False)
+
+    def _read_target(self) -> tuple[list[str], int]:
+        """The streams to look at for new jobs and how many to take: none while draining or full;
+        while a batch runs, only its model's stream."""
+        free = self.scheduler.free_slots()
+        if self.draining or free == 0:
+            return [], 0
+        group = self.scheduler.group()
+        return ([group[0]] if isinstance(group, tuple) else list(self.engines)), free
 
     def _reclaim(self, models: list[str], free: int) -> None:
         """Takes idle deliveries one at a time: a reclaimed job may be a suspect, which runs alone."""
@@ -286,6 +310,7 @@ class Worker:
             finished = batch.step()
         except Exception as e:  # an engine failure we cannot pin on one member fails its batch
             log.exception("denoising step failed")
+            self._settle()
             for key in list(batch.members):
                 batch.remove(key)
                 self._end(
@@ -296,29 +321,65 @@ class Worker:
         if active:
             self.metrics.batch_size.observe(active)
             self.metrics.step_seconds.observe(elapsed)
+        # The last step's progress went out while this step ran: who it found cancelled or
+        # superseded leaves now (finished or not), and the jobs it read wait to be admitted.
+        left = self._settle()
+        finished = [m for m in finished if str(m.key) not in left]
         members = [*batch.members.values(), *finished]
+        sent = [(str(m.key), self.jobs[str(m.key)].lease) for m in members]
+        items = [(lease, m.steps_done, m.total_steps) for (_, lease), m in zip(sent, members, strict=True)]
+        models, free = self._read_target()
+        self._read_ahead = free > 0
+        if not finished and len(batch):
+            # Off the critical path: the round trip overlaps the next step's UNet call.
+            self._in_flight = (self._io.submit(self._io_queue.progress_and_read, items, models, free), sent)
+            self.metrics.busy(elapsed)
+            return
+        # In line when members finish (their last progress event must precede their result) and
+        # when the batch empties (nothing stays in flight while the worker waits for work).
         try:
-            statuses = self.queue.progress(
-                (self.jobs[str(m.key)].lease, m.steps_done, m.total_steps) for m in members
-            )
+            statuses, entries = self.queue.progress_and_read(items, models, free)
         except REDIS_ERRORS as e:  # progress is best effort; results wait in the outbox
             log.warning("progress not published: %s", e)
-            statuses = {}
-        done = []
-        for m in members:
-            status = statuses.get(str(m.key), JobStatus.RUNNING.value)
-            if status == JobStatus.RUNNING.value:
-                if m in finished:
-                    done.append(m)
-                continue
-            batch.remove(m.key)  # cancelled or superseded: leaves at this step boundary
-            log.info("job %s leaves the batch: %s", m.key, status)
-            self._forget(self.jobs[str(m.key)], status)
+            statuses, entries = {}, []
+        left = self._apply(sent, statuses, entries)
+        done = [m for m in finished if str(m.key) not in left]
         if done:
             decode_start = time.perf_counter()
             self._publish([self.jobs[str(m.key)] for m in done], [m.final_latent() for m in done])
             elapsed += time.perf_counter() - decode_start
         self.metrics.busy(elapsed)
+
+    def _settle(self) -> set[str]:
+        """Applies the progress round trip in flight, if any; returns the jobs that left."""
+        if self._in_flight is None:
+            return set()
+        future, sent = self._in_flight
+        self._in_flight = None
+        try:
+            statuses, entries = future.result()
+        except REDIS_ERRORS as e:  # progress is best effort
+            log.warning("progress not published: %s", e)
+            return set()
+        return self._apply(sent, statuses, entries)
+
+    def _apply(
+        self, sent: list[tuple[str, Lease]], statuses: dict[str, str], entries: list[Entry]
+    ) -> set[str]:
+        """Jobs no longer `running` (cancelled, superseded) leave the batch; new entries are taken."""
+        left = set()
+        for key, lease in sent:
+            status = statuses.get(lease.job_id, JobStatus.RUNNING.value)
+            job = self.jobs.get(key)
+            if status == JobStatus.RUNNING.value or job is None or job.lease != lease:
+                continue  # still running, or already gone
+            if self.batch is not None:
+                self.batch.remove(key)
+            log.info("job %s leaves the batch: %s", key, status)
+            self._forget(job, status)
+            left.add(key)
+        self._take(entries, reclaimed=False)
+        return left
 
     def _publish(self, jobs: list[Job], latents: list[torch.Tensor]) -> None:
         """Decodes finished members together; each result goes out at once."""
