@@ -97,3 +97,14 @@ def test_shipped_model_puts_shapes_where_the_caption_says() -> None:
         for a, result in zip(asked, engine.generate(requests), strict=True)
     ]
     assert sum(placed) >= 8, placed
+
+
+def test_cli_refuses_an_unknown_prediction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "unet", "--prediction", "x0", "--out", str(tmp_path / "unet")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--prediction" in err and "Traceback" not in err
+    assert not (tmp_path / "unet").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..paths import bundled_model
 
 RUNS = Path("runs")
+CHOICES = {"prediction": ("eps", "v")}  # settings that take one of a few words
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -62,6 +63,7 @@ def _add_settings(parser: argparse.ArgumentParser, name: str) -> None:
             flag,
             type=type(getattr(defaults, f.name)),
             default=None,
+            choices=CHOICES.get(f.name),
             help=f"default: {getattr(defaults, f.name)}",
         )
     parser.set_defaults(settings_class=name)
