@@ -2,7 +2,7 @@
 #
 # One image for both roles of the service; the command picks the role:
 #   docker run IMAGE gateway      HTTP on 8000 (/healthz /readyz /metrics), gRPC on 50051
-#   docker run IMAGE worker       the Redis-queue worker, /metrics on 9400
+#   docker run IMAGE worker       the Redis-queue worker, /metrics and /healthz on 9400
 #
 # Two variants, chosen by the build argument VARIANT:
 #   docker build --build-arg VARIANT=cpu  -t ldm-service:cpu  .   (python:3.11-slim, CPU build of torch)
@@ -82,8 +82,9 @@ ENV LDM_DEMO_MODEL=/app/models/shapes \
     HOME=/app
 USER 10001:10001
 EXPOSE 8000 50051 9400
-# Gateway: GET /healthz. Worker: GET /metrics, served once its models are loaded (hence the start
-# period: a Stable Diffusion checkpoint takes tens of seconds to load). Kubernetes uses its own probes.
+# Gateway: GET /healthz. Worker: GET /healthz on the metrics port, served once its models are loaded
+# (hence the start period: a Stable Diffusion checkpoint takes tens of seconds to load), 503 while its
+# loop is stuck. Kubernetes uses its own probes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["/opt/venv/bin/python", "/app/healthcheck.py"]
 # SIGTERM drains a worker (LDM_DRAIN_GRACE_S) and stops the gateway: give `docker stop` the time.

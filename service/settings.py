@@ -94,7 +94,14 @@ class WorkerSettings(QueueSettings):
     drain_grace_s: float = Field(
         20.0, ge=0, description="on SIGTERM, time to finish the batch before handing back"
     )
-    metrics_port: int = Field(9400, ge=0, le=65535, description="port of /metrics (0 = off)")
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="the loop not moving for this long (a hung device call, a deadlock) marks the worker "
+        "stuck: /healthz answers 503 and its jobs and heartbeat are no longer renewed, so other workers "
+        "take them over; longer than the slowest step or decode",
+    )
+    metrics_port: int = Field(9400, ge=0, le=65535, description="port of /metrics and /healthz (0 = off)")
     metrics_host: str = Field("0.0.0.0", description="address /metrics listens on")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
 

@@ -179,7 +179,7 @@ def test_healthcheck_reads_the_role_off_the_command_line(monkeypatch: pytest.Mon
     assert check.role(b"/opt/venv/bin/python\0/opt/venv/bin/ldm\0gateway\0") == "gateway"
     monkeypatch.setenv("LDM_METRICS_PORT", "9401")
     monkeypatch.setenv("LDM_HTTP_PORT", "8001")
-    assert check.probe_url("worker") == "http://127.0.0.1:9401/metrics"
+    assert check.probe_url("worker") == "http://127.0.0.1:9401/healthz"
     assert check.probe_url("gateway") == "http://127.0.0.1:8001/healthz"
     monkeypatch.setenv("LDM_METRICS_PORT", "0")
     assert check.probe_url("worker") is None

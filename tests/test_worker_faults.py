@@ -1,19 +1,23 @@
 """Delivery guarantees with real worker processes and a real Redis: a worker killed mid-batch, a
-poison job, a Redis restart, a SIGTERM drain. Every job that was accepted ends with one result."""
+poison job, a Redis restart, a SIGTERM drain, a stuck loop. Every job that was accepted ends with
+one result."""
 
 from __future__ import annotations
 
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from service.queue import keys
 from service.queue.jobs import JobStore, connect
 from service.queue.spec import JobState, JobStatus
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, free_port
 from .workers import SPEC, WorkerProcess, wait_for, write_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -178,3 +182,42 @@ def test_sigterm_drains_and_hands_back(server: RedisServer, model: Path, fleet: 
     for job_id in queued:
         assert finals[job_id].worker == taker.name
     assert "draining" not in store.workers()  # signed off
+
+
+def test_a_stuck_loop_fails_healthz_and_lets_its_jobs_go(
+    server: RedisServer, model: Path, fleet: Fleet
+) -> None:
+    """A loop that stops moving (here it sleeps 4 x LDM_STALL_TIMEOUT_S on admitting the job, as a hung
+    device call would) answers 503 on /healthz and stops renewing its heartbeat and its delivery, which
+    goes idle for other workers to reclaim; once it moves again, all is well."""
+    store, client = JobStore(connect(server.url)), server.client()
+    worker = fleet.add(
+        "stuck", server, {"s": model}, metrics_port=free_port(), env={"LDM_STALL_TIMEOUT_S": "1"}
+    )
+    worker.start().wait_ready(client)
+    healthz = f"http://127.0.0.1:{worker.metrics_port}/healthz"
+    assert http_status(healthz) == 200
+    job_id = store.enqueue("s", {**SPEC, "prompt": "__stall_worker__"})
+    wait_for(lambda: http_status(healthz) == 503, 10, "/healthz to report the stuck loop")
+    wait_for(lambda: not client.exists(keys.worker("stuck")), 5, "the heartbeat to expire")
+    [pending] = client.xpending_range(keys.jobs("s"), keys.GROUP, "-", "+", 10)
+    assert pending["time_since_delivered"] >= 1000  # not renewed: any worker may reclaim it now
+    assert metric(worker, "ldm_worker_loop_timestamp_seconds") < time.time() - 1
+    [final] = wait_done(store, [job_id], timeout_s=30)
+    assert_one_result_each(store, [final])
+    assert http_status(healthz) == 200 and worker.alive
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def metric(worker: WorkerProcess, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    [value] = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return value

@@ -1,11 +1,17 @@
 """The worker's Prometheus metrics (prefix `ldm_`), in a registry of their own, served on
-`/metrics` by prometheus_client's HTTP server. Each is recorded where its decision is made."""
+`/metrics` beside `/healthz` (the liveness of the worker loop). Each is recorded where its decision
+is made."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -58,13 +64,41 @@ class WorkerMetrics:
         self.redis_errors = Counter(
             "ldm_redis_errors", "Redis commands that failed after retries", registry=r
         )
+        self.loop_timestamp = Gauge(
+            "ldm_worker_loop_timestamp_seconds",
+            "Unix time of the worker loop's last iteration (it stops moving when the loop is stuck)",
+            registry=r,
+        )
         self._busy = BusyWindow()
 
     def busy(self, seconds: float, now: float | None = None) -> None:
         self.busy_ratio.set(self._busy.add(seconds, time.monotonic() if now is None else now))
 
-    def serve(self, port: int, host: str) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str, healthy: Callable[[], bool]) -> WSGIServer:
+        """/metrics, and /healthz: 200 while `healthy()`, else 503. On a thread of its own."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok = healthy()
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+                )
+                return [b"ok\n" if ok else b"stuck: the worker loop has not moved for too long\n"]
+            return metrics(environ, start_response)
+
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes and probes are not news
+        pass
 
 
 class BusyWindow:

@@ -14,7 +14,10 @@ One iteration is one denoising step of the running batch (or one wait for work w
    step runs, so a busy worker's Redis round trips stay off the denoising path; it is sent in line
    when members finish, so their last progress event comes before their result.
 
-A keeper thread renews this worker's deliveries and heartbeat while the loop is busy in torch.
+A keeper thread renews this worker's deliveries and heartbeat while the loop is busy in torch, but
+only while the loop moves: a loop that has not iterated for stall_timeout_s (a hung device call, a
+deadlock) is stuck, /healthz says so (503, for the liveness probe), and its jobs and heartbeat are
+left to expire so that other workers take the jobs over.
 SIGTERM drains: stop claiming, hand back what waits, finish the batch within the grace period, hand
 back the rest, exit 0.
 """
@@ -51,6 +54,9 @@ from .scheduler import Candidate, Scheduler
 log = logging.getLogger(__name__)
 
 CRASH_PROMPT = "__crash_worker__"  # with LDM_TEST_FAULTS=1 only: the worker dies when it admits this job
+# With LDM_TEST_FAULTS=1 only: the loop hangs for 4 x stall_timeout_s when it admits this job on its
+# first delivery (as a hung device call would), then goes on.
+STALL_PROMPT = "__stall_worker__"
 IDLE_BLOCK_MS = 500  # an idle worker waits this long on the streams between reclaim scans
 RECLAIM_POLL_S = 0.5
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -101,6 +107,7 @@ class Worker:
         self._superseded: set[Lease] = set()
         self._stop = threading.Event()
         self._started = time.time()
+        self._beat = time.monotonic()  # the loop's last iteration
 
     def _queue(self) -> WorkerQueue:
         s = self.settings
@@ -123,6 +130,8 @@ class Worker:
         failures = 0
         groups_ready = False
         while True:
+            self._beat = time.monotonic()
+            self.metrics.loop_timestamp.set(time.time())
             try:
                 if not groups_ready:
                     self.queue.ensure_groups()
@@ -288,6 +297,9 @@ class Worker:
             if self.settings.test_faults and job.request.prompt == CRASH_PROMPT:
                 log.error("fault injection: crashing on job %s", job.id)
                 os._exit(1)
+            if self.settings.test_faults and job.request.prompt == STALL_PROMPT and job.lease.deliveries == 1:
+                log.error("fault injection: the loop hangs on job %s", job.id)
+                time.sleep(4 * self.settings.stall_timeout_s)
             job.started = time.time()
             self.metrics.queue_wait_seconds.observe(max(0.0, job.started - job.lease.created))
             try:
@@ -472,11 +484,32 @@ class Worker:
 
     # -- the keeper thread ------------------------------------------------------------------------
 
+    def healthy(self) -> bool:
+        """False while the loop is stuck: it has not iterated for stall_timeout_s."""
+        return time.monotonic() - self._beat <= self.settings.stall_timeout_s
+
     def _keep(self) -> None:
-        """Renews this worker's deliveries and heartbeat, on a connection of its own."""
+        """Renews this worker's deliveries and heartbeat while the loop moves, on a connection of its
+        own. While the loop is stuck it renews nothing: the heartbeat expires and the deliveries go
+        idle, so other workers reclaim the jobs (and fencing refuses whatever this one does later)."""
         queue = self._queue()
         interval = self.settings.reclaim_idle_ms / 1000 / 3
+        stuck = False
         while not self._stop.is_set():
+            if not self.healthy():
+                if not stuck:
+                    log.error(
+                        "the worker loop has not moved for %.0f s: no longer renewing its %d jobs or the "
+                        "heartbeat, so that other workers take the jobs over",
+                        time.monotonic() - self._beat,
+                        len(self.jobs),
+                    )
+                stuck = True
+                self._stop.wait(interval)
+                continue
+            if stuck:
+                log.warning("the worker loop moves again")
+                stuck = False
             with self._lock:
                 leases = [job.lease for job in self.jobs.values()]
             try:

@@ -1,4 +1,4 @@
-"""Starting a worker: load the models once, expose /metrics, run the loop until drained."""
+"""Starting a worker: load the models once, expose /metrics and /healthz, run the loop until drained."""
 
 from __future__ import annotations
 
@@ -28,13 +28,18 @@ def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
 
 
 def serve(settings: WorkerSettings) -> int:
-    """Loads the models, starts /metrics, runs until drained."""
+    """Loads the models, starts /metrics and /healthz, runs until drained."""
     engines = load_engines(settings)
     metrics = WorkerMetrics()
     if settings.device == "cuda":
         metrics.gpu_memory.labels("allocated").set_function(torch.cuda.memory_allocated)
         metrics.gpu_memory.labels("reserved").set_function(torch.cuda.memory_reserved)
+    worker = Worker(settings, engines, metrics)
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.metrics_host)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    return Worker(settings, engines, metrics).run()
+        metrics.serve(settings.metrics_port, settings.metrics_host, worker.healthy)
+        log.info(
+            "metrics on http://%s:%d/metrics, liveness on /healthz",
+            settings.metrics_host,
+            settings.metrics_port,
+        )
+    return worker.run()
