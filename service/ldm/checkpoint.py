@@ -1,13 +1,7 @@
 """Loading and writing checkpoints: safetensors only, strictly.
 
-Two formats, one key layout (the original CompVis / Stability single-file layout):
-
-- Stable Diffusion single-file checkpoints: `model.diffusion_model.*` (UNet),
-  `first_stage_model.*` (autoencoder) and `cond_stage_model.transformer.*` (SD 1.x, transformers'
-  CLIP layout) or `cond_stage_model.model.*` (SD 2.x, OpenCLIP layout). The architecture is
-  inferred from the keys and shapes with each family's conventions.
-- The project's own format: the same layout, the architecture config as JSON in the safetensors
-  metadata (`ldm.config`), and the tokenizer in a `tokenizer/` folder beside the file.
+The key layout, its two formats and how a config is read from them are `layout.py`'s (torch-free, so
+the gateway reads configs the same way); this module builds the networks and fills them.
 
 Every key must map and every shape must match; pickle files are refused, since loading one can
 execute code.
@@ -16,49 +10,40 @@ execute code.
 from __future__ import annotations
 
 import logging
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .arch import infer_autoencoder_config, infer_unet_config
 from .autoencoder import Autoencoder
-from .config import ModelConfig, Prediction, TextEncoderConfig
-from .openclip import hf_to_openclip, normalize_hf_key, openclip_layers, openclip_to_hf
+from .config import ModelConfig, Prediction
+from .layout import (
+    CLIP_HF_PREFIX,
+    CLIP_OPENCLIP_PREFIX,
+    CONFIG_METADATA_KEY,
+    FORMAT_METADATA,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    few,
+    infer_config,
+    normalize_hf_key,
+    resolve_checkpoint,
+    split_components,
+)
+from .openclip import hf_to_openclip, openclip_to_hf
 from .text import build_text_model, load_tokenizer
 from .unet import UNet
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_HF_PREFIX = "cond_stage_model.transformer."
-CLIP_OPENCLIP_PREFIX = "cond_stage_model.model."
-CONFIG_METADATA_KEY = "ldm.config"
-FORMAT_METADATA = {"format": "pt", "ldm.format": "ldm-service/1"}
-
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-# Keys real SD files carry that inference does not use: the training-time DDPM buffers, the EMA
-# bookkeeping, and the autoencoder's training loss (LPIPS, discriminator).
-_IGNORED = re.compile(
-    r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
-    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod"
-    r"|posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2"
-    r"|logvar|lvlb_weights|model_ema\..*|first_stage_model\.loss\..*"
-    r"|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids)$"
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says why and what to do."""
 
 
 @dataclass
@@ -109,78 +94,6 @@ def _pickle_message(path: Path) -> str:
     )
 
 
-def split_components(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Splits an SD single-file state dict by component prefix; unknown keys are an error."""
-    parts: dict[str, dict[str, Tensor]] = {"unet": {}, "vae": {}, "clip_hf": {}, "clip_openclip": {}}
-    prefixes = (
-        ("unet", UNET_PREFIX),
-        ("vae", VAE_PREFIX),
-        ("clip_hf", CLIP_HF_PREFIX),
-        ("clip_openclip", CLIP_OPENCLIP_PREFIX),
-    )
-    unexpected: list[str] = []
-    ignored = 0
-    for key, value in tensors.items():
-        if _IGNORED.match(key):
-            ignored += 1
-            continue
-        for part, prefix in prefixes:
-            if key.startswith(prefix):
-                parts[part][key.removeprefix(prefix)] = value
-                break
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise CheckpointError(f"unexpected keys outside the SD layout: {_few(unexpected)}")
-    if ignored:
-        log.debug("ignored %d training-only keys", ignored)
-    for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX)):
-        if not parts[part]:
-            raise CheckpointError(f"no {prefix}* keys: this is not a Stable Diffusion checkpoint")
-    if not parts["clip_hf"] and not parts["clip_openclip"]:
-        raise CheckpointError(f"no text encoder keys ({CLIP_HF_PREFIX}* or {CLIP_OPENCLIP_PREFIX}*)")
-    parts["clip_hf"] = {normalize_hf_key(k): v for k, v in parts["clip_hf"].items()}
-    return parts
-
-
-def infer_text_config(parts: Mapping[str, Mapping[str, Tensor]]) -> TextEncoderConfig:
-    """CLIP text encoder shape from the keys; heads are 64 wide in both SD families."""
-    if parts["clip_openclip"]:
-        state = parts["clip_openclip"]
-        vocab, width = _shape(state, "token_embedding.weight", CLIP_OPENCLIP_PREFIX)
-        positions = _shape(state, "positional_embedding", CLIP_OPENCLIP_PREFIX)[0]
-        ff = _shape(state, "transformer.resblocks.0.mlp.c_fc.weight", CLIP_OPENCLIP_PREFIX)[0]
-        layers, act, penultimate = openclip_layers(dict(state)), "gelu", True
-    else:
-        state = parts["clip_hf"]
-        vocab, width = _shape(state, "embeddings.token_embedding.weight", CLIP_HF_PREFIX)
-        positions = _shape(state, "embeddings.position_embedding.weight", CLIP_HF_PREFIX)[0]
-        ff = _shape(state, "encoder.layers.0.mlp.fc1.weight", CLIP_HF_PREFIX)[0]
-        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
-        act, penultimate = "quick_gelu", False
-    return TextEncoderConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=ff,
-        num_layers=layers,
-        num_heads=max(1, width // 64),
-        max_positions=positions,
-        hidden_act=act,  # type: ignore[arg-type]
-        penultimate=penultimate,
-    )
-
-
-def _shape(state: Mapping[str, Tensor], key: str, prefix: str) -> tuple[int, ...]:
-    if key not in state:
-        raise CheckpointError(f"missing key {prefix}{key}")
-    return tuple(state[key].shape)
-
-
-def _few(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], prefix: str) -> None:
     """`load_state_dict(strict=True)` with an error that names keys the way the file does."""
     expected = module.state_dict()
@@ -193,11 +106,11 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], prefix: st
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_few(missing)}")
+        problems.append(f"missing keys: {few(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_few(unexpected)}")
+        problems.append(f"unexpected keys: {few(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatch: {_few(mismatched)}")
+        problems.append(f"shape mismatch: {few(mismatched)}")
     if problems:
         raise CheckpointError("; ".join(problems))
     # assign: modules built on the meta device take the file's tensors as they are (no copy).
@@ -216,17 +129,6 @@ def find_tokenizer(checkpoint: Path, tokenizer_dir: Path | None) -> Path:
     return beside
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A model folder stands for the single .safetensors file inside it."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise CheckpointError(f"{path} should hold exactly one .safetensors file, found {len(files)}")
-        return files[0]
-    return path
-
-
 def load_model(
     path: Path,
     tokenizer_dir: Path | None = None,
@@ -236,20 +138,7 @@ def load_model(
     path = resolve_checkpoint(path)
     tensors, metadata = read_safetensors(path)
     parts = split_components(tensors)
-    if CONFIG_METADATA_KEY in metadata:
-        try:
-            config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: bad {CONFIG_METADATA_KEY} metadata: {e}") from None
-    else:
-        family: Literal["sd1", "sd2"] = "sd2" if parts["clip_openclip"] else "sd1"
-        try:
-            unet_cfg = infer_unet_config({k: tuple(v.shape) for k, v in parts["unet"].items()}, family)
-            vae_cfg = infer_autoencoder_config({k: tuple(v.shape) for k, v in parts["vae"].items()})
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        text_cfg = infer_text_config(parts)
-        config = ModelConfig(family=family, unet=unet_cfg, autoencoder=vae_cfg, text=text_cfg)
+    config = infer_config(parts, metadata, path)
     if prediction is not None:
         config = config.with_prediction(prediction)
     if config.family == "sd2" and config.prediction == "v":

@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from .layout import normalize_hf_key
+
 Tensor = torch.Tensor
 
 # OpenCLIP keys that SD never uses: the contrastive head.
@@ -34,16 +36,6 @@ _TOP_RENAMES = (
     ("ln_final.weight", "final_layer_norm.weight"),
     ("ln_final.bias", "final_layer_norm.bias"),
 )
-
-
-def normalize_hf_key(key: str) -> str:
-    """`text_model.encoder...` (older transformers, real SD 1.x files) -> `encoder...`."""
-    return key.removeprefix("text_model.")
-
-
-def openclip_layers(state: dict[str, Tensor]) -> int:
-    blocks = {int(m.group(1)) for k in state if (m := _RESBLOCK.match(k))}
-    return max(blocks) + 1 if blocks else 0
 
 
 def openclip_to_hf(state: dict[str, Tensor], layers: int) -> tuple[dict[str, Tensor], list[str]]:
