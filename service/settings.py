@@ -10,11 +10,11 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .ldm.request import MAX_N, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MODEL_NAME, Limits
 from .paths import DEMO_MODEL_NAME, bundled_model
-from .queue import keys
 
 
 class QueueSettings(BaseSettings):
@@ -69,7 +69,7 @@ def _check_model_names(value: dict[str, Path]) -> dict[str, Path]:
     if not value:
         raise ValueError("at least one model")
     for name in value:
-        if not keys.MODEL_NAME.match(name):
+        if not MODEL_NAME.match(name):
             raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (64 at most)")
     return value
 
@@ -128,11 +128,15 @@ class GatewaySettings(QueueSettings):
     request_timeout_s: float = Field(
         60.0, gt=0, description="longest a synchronous request waits for its images before 504"
     )
-    max_prompt_chars: int = Field(1000, ge=1, le=4000, description="longest prompt or negative prompt")
-    max_steps: int = Field(150, ge=1, le=500, description="most denoising steps per image")
-    max_side: int = Field(2048, ge=8, le=2048, description="widest width or height, in pixels")
-    max_pixels: int = Field(1024 * 1024, ge=64, description="most pixels (width x height) per image")
-    max_n: int = Field(4, ge=1, le=64, description="most images per request")
+    max_prompt_chars: int = Field(
+        1000, ge=1, le=MAX_PROMPT_CHARS, description="longest prompt or negative prompt"
+    )
+    max_steps: int = Field(150, ge=1, le=MAX_STEPS, description="most denoising steps per image")
+    max_side: int = Field(MAX_SIDE, ge=8, le=MAX_SIDE, description="widest width or height, in pixels")
+    max_pixels: int = Field(
+        1024 * 1024, ge=64, le=MAX_SIDE * MAX_SIDE, description="most pixels (width x height) per image"
+    )
+    max_n: int = Field(4, ge=1, le=MAX_N, description="most images per request")
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
@@ -141,6 +145,10 @@ class GatewaySettings(QueueSettings):
 
     _parse_models = field_validator("models", mode="before")(_parse_models)
     _names = field_validator("models")(_check_model_names)
+
+    def limits(self) -> Limits:
+        """The request limits this gateway serves (checked by `service.ldm.request.resolve`)."""
+        return Limits(self.max_prompt_chars, self.max_steps, self.max_side, self.max_pixels, self.max_n)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -163,3 +171,8 @@ def worker_settings(**overrides: Any) -> WorkerSettings:
 def gateway_settings(**overrides: Any) -> GatewaySettings:
     """Environment, then the given overrides (None means 'not given'), for example from the CLI."""
     return GatewaySettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_error(e: ValidationError) -> str:
+    """A settings error on one line, naming each setting."""
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())

@@ -63,7 +63,7 @@ def autoencoder_psnr(engine: Engine, n: int = 256) -> float:
 
 
 def time_one_image(engine: Engine, steps: int, sampler: str, runs: int = 5) -> float:
-    request = GenerationRequest("a large red circle on the left", steps=steps, sampler=sampler, seed=0)
+    request = GenerationRequest(prompt="a large red circle on the left", steps=steps, sampler=sampler, seed=0)
     engine.generate([request])  # warm-up
     times = []
     for _ in range(runs):
@@ -83,7 +83,7 @@ def evaluate(
         for i in range(0, n, batch):
             chunk = prompts[i : i + batch]
             requests = [
-                GenerationRequest(p.caption, steps=steps, sampler=sampler, seed=p.seed) for p in chunk
+                GenerationRequest(prompt=p.caption, steps=steps, sampler=sampler, seed=p.seed) for p in chunk
             ]
             for prompt, result in zip(chunk, engine.generate(requests), strict=True):
                 assert result.image is not None
@@ -123,7 +123,7 @@ def sample_grid(engine: Engine, path: Path, seeds: int = 4, scale: int = 4) -> P
     grid = Image.new("RGB", (seeds * size, len(GRID_PROMPTS) * (size + label)), "white")
     draw = ImageDraw.Draw(grid)
     for row, prompt in enumerate(GRID_PROMPTS):
-        requests = [GenerationRequest(prompt, seed=1000 + s) for s in range(seeds)]
+        requests = [GenerationRequest(prompt=prompt, seed=1000 + s) for s in range(seeds)]
         for col, result in enumerate(engine.generate(requests)):
             assert result.image is not None
             top = row * (size + label)

@@ -20,14 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from ..queue.jobs import JobStore
+from ..queue.store import JobStore
 from ..settings import GatewaySettings, gateway_settings
 from . import routes_images, routes_jobs, routes_meta
 from .catalog import Catalog
 from .errors import GatewayError, InvalidField
 from .generation import Gateway
 from .grpc_server import start_grpc
-from .jobs import JobService
+from .job_service import JobService
 from .metrics import GatewayMetrics
 from .middleware import BodyLimit, RequestMetrics
 from .openapi import configure_openapi
@@ -80,7 +80,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error(metrics))
     for module in (routes_images, routes_jobs, routes_meta):
         app.include_router(module.router)
-    configure_openapi(app, settings, [info.size_multiple for info in catalog.infos()])
+    configure_openapi(app, settings, [info.config.downsample_factor for info in catalog.infos()])
     return app
 
 

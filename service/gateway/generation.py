@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..ldm.request import SAMPLERS, GenerationRequest, RequestError, plan
 from ..queue import keys
-from ..queue.spec import JobState, JobStatus
+from ..queue.states import JobState, JobStatus
 from ..settings import GatewaySettings
 from .auth import ApiKeys
-from .catalog import SAMPLERS, Catalog
+from .catalog import Catalog
 from .errors import (
     GatewayError,
     InvalidField,
@@ -28,9 +29,8 @@ from .errors import (
     Unauthenticated,
     WaitTimeout,
 )
-from .jobs import JobService
+from .job_service import JobService
 from .metrics import GatewayMetrics
-from .validation import GenerateInput, plan
 
 REJECTION_REASONS: dict[type[GatewayError], str] = {
     InvalidField: "invalid",
@@ -85,20 +85,34 @@ class Gateway:
             self.metrics.rejected.labels("unauthenticated").inc()
             raise
 
-    async def submit(self, request: GenerateInput, owner: str) -> Submission:
-        """Validates and enqueues; refusals (422, 404, 429) are counted by reason, nothing enqueued."""
+    async def submit(
+        self, request: GenerationRequest, owner: str, *, n: int = 1, model: str | None = None
+    ) -> Submission:
+        """Checks the request against the model and the settings' limits, then enqueues its n images
+        (one job each); refusals (422, 404, 429) are counted by reason, nothing enqueued."""
         received = time.monotonic()
+        name = self.catalog.default if model is None else model
         try:
-            job_plan = plan(request, self.catalog, self.settings)
-            job_ids = await self.jobs.submit(job_plan.model.name, job_plan.specs, owner)
+            info = self.catalog.get(name)
+            if info is None:
+                raise NotFound(f"model {name!r} is not served here; see /v1/models")
+            try:
+                requests = plan(request, n, info.config, self.settings.limits())
+            except RequestError as e:
+                raise InvalidField(e.field, e.message) from None
+            job_ids = await self.jobs.submit(name, requests, owner)
         except (InvalidField, NotFound, QueueFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
-        model = job_plan.model.name
-        self.metrics.submitted.labels(model).inc(len(job_ids))
-        return Submission(job_ids[0], model, job_ids, job_plan.seeds, received)
+        self.metrics.submitted.labels(name).inc(len(job_ids))
+        return Submission(job_ids[0], name, job_ids, [int(r.seed or 0) for r in requests], received)
 
-    async def finish(self, submission: Submission, timeout_s: float | None = None) -> Generated:
+    def invalid(self, e: RequestError) -> InvalidField:
+        """A request an adapter could not map (a bad field), counted as refused."""
+        self.metrics.rejected.labels(REJECTION_REASONS[InvalidField]).inc()
+        return InvalidField(e.field, e.message)
+
+    async def wait_for_images(self, submission: Submission, timeout_s: float | None = None) -> Generated:
         """Waits for the submission's jobs and collects their images; WaitTimeout (the jobs go on),
         JobCancelled, JobExpired or JobFailed otherwise."""
         timeout = self.settings.request_timeout_s
@@ -136,23 +150,22 @@ class Gateway:
         """The models served, as /v1/models and ListModels give them."""
         live = await self.jobs.workers_by_model()
         models = []
-        for name in self.catalog.names():
-            info = self.catalog.get(name)
-            assert info is not None
+        for info in self.catalog.infos():
+            config = info.config
             models.append(
                 {
-                    "name": name,
-                    "default": name == self.catalog.default,
-                    "family": info.family,
-                    "width": info.native_size,
-                    "height": info.native_size,
-                    "size_multiple": info.size_multiple,
-                    "default_steps": info.default_steps,
-                    "default_guidance_scale": info.default_guidance,
-                    "default_sampler": info.default_sampler,
+                    "name": info.name,
+                    "default": info.name == self.catalog.default,
+                    "family": config.family,
+                    "width": config.sample_size,
+                    "height": config.sample_size,
+                    "size_multiple": config.downsample_factor,
+                    "default_steps": config.default_steps,
+                    "default_guidance_scale": config.default_guidance,
+                    "default_sampler": config.default_sampler,
                     "samplers": list(SAMPLERS),
-                    "inpainting": info.inpainting,
-                    "live_workers": live.get(name, 0),
+                    "inpainting": config.is_inpainting,
+                    "live_workers": live.get(info.name, 0),
                     "source": info.source,
                 }
             )
@@ -164,6 +177,14 @@ class Gateway:
         if state is None or not self.api_keys.may_see(owner, state.owner):
             raise NotFound(f"no job {job_id!r}")
         return state
+
+    async def result(self, state: JobState) -> Image | None:
+        """The image of a succeeded job (with the seed it was drawn with), None until then or once expired."""
+        if state.status != JobStatus.SUCCEEDED or (png := await self.jobs.result(state.id)) is None:
+            return None
+        request = await self.jobs.request(state.id)
+        seed = request.seed if request is not None and request.seed is not None else 0
+        return Image(state.id, seed, png)
 
 
 def check_succeeded(state: JobState) -> None:

@@ -7,18 +7,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ..queue.spec import JobState, JobStatus
+from ..ldm.request import GenerationRequest, RequestError
+from ..queue.states import JobState
 from .errors import GatewayError, WaitTimeout
 from .generation import Gateway, Generated, Submission
 from .grpc_gen import ldm_pb2 as pb
 from .grpc_gen import ldm_pb2_grpc as pb_grpc
-from .validation import GenerateInput
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Images"].full_name  # "ldm.v1.Images"
@@ -55,18 +55,15 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateReply:
         async def body(owner: str) -> pb.GenerateReply:
-            submission = await self.gateway.submit(generate_input(request), owner)
-            return generate_reply(await self.gateway.finish(submission, self._remaining(context)))
+            submission = await self._submit(request, owner)
+            return generate_reply(await self.gateway.wait_for_images(submission, self._remaining(context)))
 
         return await self._call("Generate", context, body)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        async def submit(owner: str) -> Submission:
-            return await self.gateway.submit(generate_input(request), owner)
-
-        submission = await self._call("GenerateStream", context, submit)
+        submission = await self._call("GenerateStream", context, lambda owner: self._submit(request, owner))
         try:
             async for event in self._events(submission, self._remaining(context)):
                 yield pb.GenerateEvent(job_event=event)
@@ -74,6 +71,15 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         except GatewayError as e:
             context.set_trailing_metadata((("ldm-job-ids", ",".join(e.job_ids or submission.job_ids)),))
             await context.abort(e.grpc_code, e.message)
+
+    async def _submit(self, request: pb.GenerateRequest, owner: str) -> Submission:
+        try:
+            internal = generation_request(request)
+        except RequestError as e:
+            raise self.gateway.invalid(e) from None
+        n = request.n if request.HasField("n") else 1
+        model = request.model if request.HasField("model") else None
+        return await self.gateway.submit(internal, owner, n=n, model=model)
 
     async def _events(self, submission: Submission, deadline_s: float | None) -> AsyncIterator[pb.JobEvent]:
         timeout = self.gateway.settings.request_timeout_s
@@ -131,11 +137,8 @@ class ImagesServicer(pb_grpc.ImagesServicer):
             job.started = state.started
         if state.finished is not None:
             job.finished = state.finished
-        if state.status == JobStatus.SUCCEEDED and (png := await jobs.result(state.id)) is not None:
-            spec = await jobs.spec(state.id)
-            job.result.CopyFrom(
-                pb.Image(job_id=state.id, seed=spec.seed if spec and spec.seed else 0, png=png)
-            )
+        if (image := await self.gateway.result(state)) is not None:
+            job.result.CopyFrom(pb.Image(job_id=image.job_id, seed=image.seed, png=image.png))
         return job
 
     async def ListModels(
@@ -150,25 +153,18 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         return await self._call("ListModels", context, body)
 
 
-def generate_input(request: pb.GenerateRequest) -> GenerateInput:
-    def opt(field: str) -> Any:
-        return getattr(request, field) if request.HasField(field) else None
-
-    return GenerateInput(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        width=opt("width"),
-        height=opt("height"),
-        steps=opt("steps"),
-        guidance_scale=opt("guidance_scale"),
-        sampler=opt("sampler"),
-        seed=opt("seed"),
-        n=request.n if request.HasField("n") else 1,
-        model=opt("model"),
-        eta=opt("eta"),
-        init_image=request.init_image or None,
-        strength=opt("strength"),
-        mask=request.mask or None,
+def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
+    """The internal request of a GenerateRequest: proto3 optional fields left unset are absent."""
+    fields = ("width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "strength")
+    values = {field: getattr(request, field) for field in fields if request.HasField(field)}
+    return GenerationRequest.parse(
+        {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "init_image": request.init_image or None,
+            "mask": request.mask or None,
+            **values,
+        }
     )
 
 

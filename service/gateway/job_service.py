@@ -18,10 +18,10 @@ from typing import Any, TypeVar, cast
 import redis
 import redis.asyncio
 
+from ..ldm.request import GenerationRequest
 from ..queue import keys
-from ..queue.jobs import JobStore, text
-from ..queue.jobs import QueueFull as StoreFull
-from ..queue.spec import TERMINAL, JobSpec, JobState, JobStatus
+from ..queue.states import TERMINAL, JobState, JobStatus
+from ..queue.store import BacklogFull, JobStore, text
 from .errors import QueueFull, Unavailable
 
 T = TypeVar("T")
@@ -58,21 +58,21 @@ class JobService:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    async def submit(self, model: str, specs: list[JobSpec], owner: str) -> list[str]:
-        """Enqueues all the specs or none: a request for n images is refused whole when the backlog
+    async def submit(self, model: str, requests: list[GenerationRequest], owner: str) -> list[str]:
+        """Enqueues all the requests or none: a request for n images is refused whole when the backlog
         has no room for n (429), checked before anything is enqueued."""
-        return await self._run(self._submit, model, specs, owner)
+        return await self._run(self._submit, model, requests, owner)
 
-    def _submit(self, model: str, specs: list[JobSpec], owner: str) -> list[str]:
+    def _submit(self, model: str, requests: list[GenerationRequest], owner: str) -> list[str]:
         store = self.store
         backlog = store.backlog(model)
-        if backlog + len(specs) > store.max_backlog:
+        if backlog + len(requests) > store.max_backlog:
             raise self._full(model, backlog)
         job_ids: list[str] = []
         try:
-            for spec in specs:
-                job_ids.append(store.enqueue(model, spec, owner=owner))
-        except StoreFull as e:  # lost a race with another gateway: take back what went in
+            for request in requests:
+                job_ids.append(store.enqueue(model, request, owner=owner))
+        except BacklogFull as e:  # lost a race with another gateway: take back what went in
             for job_id in job_ids:
                 store.cancel(job_id)
             raise self._full(model, e.backlog) from None
@@ -92,8 +92,8 @@ class JobService:
     async def get(self, job_id: str) -> JobState | None:
         return await self._run(self.store.get, job_id)
 
-    async def spec(self, job_id: str) -> JobSpec | None:
-        return await self._run(self.store.spec, job_id)
+    async def request(self, job_id: str) -> GenerationRequest | None:
+        return await self._run(self.store.request, job_id)
 
     async def result(self, job_id: str) -> bytes | None:
         return await self._run(self.store.result, job_id)

@@ -67,10 +67,10 @@ async def _generate(
     wants_png = _wants_png(request.headers.get("accept", ""))
     if wants_png and body.n != 1:
         raise InvalidField("n", "Accept: image/png answers one image: n must be 1")
-    submission = await gateway.submit(body.to_input(), owner)
+    submission = await gateway.submit(body.to_request(), owner, n=body.n, model=body.model)
     if prefer is not None and "respond-async" in [p.strip().lower() for p in prefer.split(",")]:
         return accepted(submission)
-    generated = await gateway.finish(submission)
+    generated = await gateway.wait_for_images(submission)
     if wants_png:
         image = generated.images[0]
         headers = {"X-Job-Id": image.job_id, "X-Seed": str(image.seed)}

@@ -11,10 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..queue.spec import JobState, JobStatus
+from ..queue.states import JobState, JobStatus
 from .deps import Caller, GatewayDep
-from .generation import Gateway
-from .jobs import Event
+from .generation import Gateway, Image
+from .job_service import Event
 from .schemas import ErrorPublic, ImagePublic, JobPublic, ProgressPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -40,12 +40,12 @@ async def get_job(job_id: str, request: Request, gateway: GatewayDep, owner: Cal
     """Status, progress, queue position, and the result when done (`Accept: image/png`: the PNG itself,
     404 until the job has succeeded)."""
     state = await gateway.owned_job(job_id, owner)
-    png = await gateway.jobs.result(job_id) if state.status == JobStatus.SUCCEEDED else None
+    image = await gateway.result(state)
     if "image/png" in request.headers.get("accept", "") and "json" not in request.headers.get("accept", ""):
-        if png is None:
+        if image is None:
             return JSONResponse({"detail": f"job {job_id} has no image ({state.status})"}, status_code=404)
-        return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
-    return JSONResponse((await job_public(gateway, state, png)).model_dump(mode="json"))
+        return Response(image.png, media_type="image/png", headers={"X-Job-Id": job_id})
+    return JSONResponse((await job_public(gateway, state, image)).model_dump(mode="json"))
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
@@ -111,12 +111,12 @@ def sse_message(event: Event) -> str:
     return f"id: {event.id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def job_public(gateway: Gateway, state: JobState, png: bytes | None) -> JobPublic:
+async def job_public(gateway: Gateway, state: JobState, image: Image | None) -> JobPublic:
     result = None
-    if png is not None:
-        spec = await gateway.jobs.spec(state.id)
-        seed = spec.seed if spec is not None and spec.seed is not None else 0
-        result = ImagePublic(job_id=state.id, seed=seed, png_base64=base64.b64encode(png).decode())
+    if image is not None:
+        result = ImagePublic(
+            job_id=state.id, seed=image.seed, png_base64=base64.b64encode(image.png).decode()
+        )
     return JobPublic(
         id=state.id,
         model=state.model,

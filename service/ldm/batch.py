@@ -65,7 +65,7 @@ class Member:
 
     def final_latent(self) -> Tensor:
         """The latent in diffusers' parametrisation, scaled as the UNet sees it (times scaling_factor)."""
-        return self.x if self.sampler is None else self.sampler.finish(self.x)
+        return self.x if self.sampler is None else self.sampler.final(self.x)
 
 
 def _pad_contexts(contexts: list[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -97,10 +97,6 @@ class DenoisingBatch:
 
     def remove(self, key: Hashable) -> Member | None:
         return self.members.pop(key, None)
-
-    def rows(self) -> int:
-        """UNet rows the next step takes: one per member, two with guidance."""
-        return sum(1 if m.uncond is None else 2 for m in self.members.values() if not m.done)
 
     def step(self) -> list[Member]:
         """Advances every member one step; returns (and removes) the members that are finished."""

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from service.ldm.schedule import DiscreteSchedule
 
-Prediction = Literal["eps", "v"]
-
+from .config import Prediction
 
 # `unet(x_in (B, C, h, w), t (B,) float timesteps, **cond) -> eps or v (B, C, h, w)`; a plain
 # Callable rather than a Protocol so that modules and functions with named cond arguments fit.

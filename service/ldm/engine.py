@@ -9,7 +9,6 @@ uses the same three calls to run continuous batching.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -18,70 +17,20 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import request as rules
 from .batch import DenoisingBatch, LatentBlend, Member
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
 from .denoiser import Denoiser
-from .images import mask_to_tensor, to_images, to_tensor
-from .samplers import SAMPLERS, img2img_start_step, make_sampler
+from .images import decode_image, mask_to_tensor, to_images, to_tensor
+from .request import GenerationRequest, ResolvedRequest
+from .samplers import img2img_start_step, make_sampler
 from .schedule import DiscreteSchedule
 from .text import TextConditioner
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class InvalidRequest(ValueError):
-    """A request the model cannot run; `field` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    sampler: str | None = None
-    seed: int | None = None
-    eta: float = 0.0  # DDIM's eta (0 = deterministic)
-    init_image: Image.Image | None = None
-    strength: float = 0.8
-    mask: Image.Image | None = None
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with every default filled in, as it is run."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    sampler: str
-    seed: int
-    eta: float
-    init_image: Image.Image | None
-    strength: float
-    mask: Image.Image | None
-
-    def parameters(self) -> str:
-        """The text stored in the PNG, in the web UIs' `parameters` style."""
-        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
-        return (
-            f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
-            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
-        )
 
 
 @dataclass
@@ -116,7 +65,6 @@ class Engine:
         self.text = TextConditioner(text_model, model.tokenizer, text_cache)
         self.schedule = DiscreteSchedule()
         self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
-        self.size_multiple = self.config.downsample_factor
 
     @classmethod
     def load(
@@ -145,50 +93,9 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
-        """Fills in the model's defaults and checks what the model itself constrains."""
-        cfg = self.config
-        native = (request.init_image.width, request.init_image.height) if request.init_image else None
-        width = request.width if request.width is not None else (native[0] if native else cfg.sample_size)
-        height = request.height if request.height is not None else (native[1] if native else cfg.sample_size)
-        for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % self.size_multiple:
-                raise InvalidRequest(
-                    name, f"must be a positive multiple of {self.size_multiple}, got {value}"
-                )
-        steps = cfg.default_steps if request.steps is None else request.steps
-        if steps < 1:
-            raise InvalidRequest("steps", f"must be at least 1, got {steps}")
-        sampler = request.sampler or cfg.default_sampler
-        if sampler not in SAMPLERS:
-            raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        guidance = cfg.default_guidance if request.guidance_scale is None else request.guidance_scale
-        if not 0.0 <= guidance <= 50.0:
-            raise InvalidRequest("guidance_scale", f"must be between 0 and 50, got {guidance}")
-        seed = secrets.randbelow(2**32) if request.seed is None else request.seed
-        if not 0 <= seed < SEED_LIMIT:
-            raise InvalidRequest("seed", f"must be between 0 and 2**63 - 1, got {seed}")
-        if not 0.0 <= request.strength <= 1.0:
-            raise InvalidRequest("strength", f"must be between 0 and 1, got {request.strength}")
-        if not 0.0 <= request.eta <= 1.0:
-            raise InvalidRequest("eta", f"must be between 0 and 1, got {request.eta}")
-        if request.mask is not None and request.init_image is None:
-            raise InvalidRequest("mask", "a mask needs an init image")
-        if self.config.is_inpainting and request.init_image is None:
-            raise InvalidRequest("init_image", "this is an inpainting model: give an init image and a mask")
-        return ResolvedRequest(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=guidance,
-            sampler=sampler,
-            seed=seed,
-            eta=request.eta,
-            init_image=request.init_image,
-            strength=request.strength,
-            mask=request.mask,
-        )
+        """Fills in the model's defaults and checks the request's rules (`request.resolve`, hard
+        bounds); RequestError names the field."""
+        return rules.resolve(request, self.config)
 
     def prepare(self, request: ResolvedRequest, key: Hashable) -> tuple[Member, int]:
         """Encodes the prompts and draws the starting latent; returns the member and its token count."""
@@ -222,11 +129,13 @@ class Engine:
             member.sampler = make_sampler(name, self.schedule, steps, eta=eta)
             member.x = noise * member.sampler.init_noise_sigma
             return
-        image = to_tensor(request.init_image, request.width, request.height).to(self.device)
+        pixels = decode_image(request.init_image, "init_image")
+        image = to_tensor(pixels, request.width, request.height).to(self.device)
         init = self.encode(image)  # (1, C, h, w), scaled
         mask = None
         if request.mask is not None:
-            mask_px = mask_to_tensor(request.mask, request.width, request.height).to(self.device)
+            mask_image = decode_image(request.mask, "mask")
+            mask_px = mask_to_tensor(mask_image, request.width, request.height).to(self.device)
             mask = mask_to_latent(mask_px, init.shape[-2:])  # (1, 1, h, w)
             if self.config.is_inpainting:
                 masked = self.encode(image * (mask_px < 0.5))

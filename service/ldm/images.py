@@ -8,7 +8,19 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from .request import RequestError
+
 Tensor = torch.Tensor
+
+
+def decode_image(data: bytes, field: str) -> Image.Image:
+    """A request's PNG, decoded; RequestError naming the field when it does not decode."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(field, f"not a readable PNG ({e})") from e
+    return image
 
 
 def to_tensor(image: Image.Image, width: int, height: int) -> Tensor:

@@ -3,22 +3,20 @@ members that use different samplers and step counts and stand at different steps
 
 Each member owns a `Sampler`; the caller evaluates `denoised = denoiser(x, sigma)` for the whole batch
 (sigma per member) and then calls each member's `step`. Latents live in k-space (`x = x0 + sigma * n`);
-`finish` converts the result to diffusers' latent parametrisation.
+`final` converts the result to diffusers' latent parametrisation.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from service.ldm.schedule import DiscreteSchedule, get_sigmas
 
-SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+from .request import SAMPLERS  # the names a request may give; each has a sampler below
 
 
 class Sampler(ABC):
@@ -61,7 +59,7 @@ class Sampler(ABC):
         self.index += 1
         return x
 
-    def finish(self, x: Tensor) -> Tensor:
+    def final(self, x: Tensor) -> Tensor:
         """k-space to diffusers' VP latents, x / sqrt(1 + sigma_last^2) (DDIM stops at sigma(t=0) > 0)."""
         return x / math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
 
@@ -166,29 +164,3 @@ def img2img_start_step(steps: int, strength: float) -> int:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
-
-
-def noise_latent(latent: Tensor, noise: Tensor, sampler: Sampler) -> Tensor:
-    """img2img start, x0 + sigma * noise at the sampler's current step: diffusers' `add_noise` in k-space."""
-    return latent + noise * sampler.sigma
-
-
-def sample(
-    denoiser: Callable[..., Tensor],
-    x: Tensor,
-    sampler: Sampler,
-    generator: torch.Generator | None = None,
-    callback: Callable[[int, Tensor, Tensor], None] | None = None,
-    **cond: Any,
-) -> Tensor:
-    """Run all remaining steps for one member and return `sampler.finish(x)` (diffusers' latents).
-
-    `callback(index, x, denoised)` is called after each model evaluation, before the step.
-    """
-    while not sampler.done:
-        sigma = x.new_full((x.shape[0],), sampler.sigma, dtype=torch.float32)
-        denoised = denoiser(x, sigma, **cond)
-        if callback is not None:
-            callback(sampler.index, x, denoised)
-        x = sampler.step(x, denoised, generator)
-    return sampler.finish(x)

@@ -64,15 +64,6 @@ class DiscreteSchedule:
             t = t.round()
         return t.to(sigma.dtype if sigma.is_floating_point() else torch.float32).reshape(sigma.shape)
 
-    def t_to_sigma(self, t: Tensor) -> Tensor:
-        """Sigma of a (fractional) timestep, interpolated in log-sigma: the inverse of `sigma_to_t`."""
-        log_sigmas = self.log_sigmas.to(t.device)
-        t = t.double().clamp(0, self.num_train_timesteps - 1)
-        low_idx = t.floor().long().clamp(max=self.num_train_timesteps - 2)
-        w = t - low_idx
-        log_sigma = (1 - w) * log_sigmas[low_idx] + w * log_sigmas[low_idx + 1]
-        return log_sigma.exp().float()
-
     def leading_timesteps(self, steps: int, intervals: int | None = None) -> Tensor:
         """Integer timesteps of diffusers' `timestep_spacing="leading"` (Lin et al. 2023, table 2)."""
         # The train range is cut into `intervals` equal pieces (DDIM/Euler: `steps`; DPM-Solver:

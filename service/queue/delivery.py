@@ -18,9 +18,9 @@ import redis
 from redis.client import Pipeline
 
 from . import keys
-from .jobs import text
 from .scripts import SCRIPTS
-from .spec import JobStatus
+from .states import JobStatus
+from .store import text
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +181,13 @@ class WorkerQueue:
             "start", leases, lambda lease: [keys.GROUP, lease.entry, lease.attempt, now, self.result_ttl_s]
         )
 
-    def progress(self, items: Iterable[tuple[Lease, int, int]]) -> dict[str, str]:
-        """Publishes (lease, step, steps) and returns each job's status (`stale` when superseded):
-        a job that is no longer `running` leaves the batch."""
-        statuses, _ = self.progress_and_read(items, (), 0)
-        return statuses
-
     def progress_and_read(
         self, items: Iterable[tuple[Lease, int, int]], models: Sequence[str], count: int
     ) -> tuple[dict[str, str], list[Entry]]:
-        """`progress(items)` and `read(models, count, None)` in one round trip: a busy worker looks
-        for jobs to join its batch at every step, and this keeps that look off the step's path."""
+        """Publishes (lease, step, steps) for each item, returning each job's status (`stale` when
+        superseded: a job no longer `running` leaves the batch), and reads up to `count` new entries, in
+        one round trip: a busy worker looks for jobs to join its batch at every step, and this keeps
+        that look off the step's path."""
         items = list(items)
         now = time.time()
         calls = [
@@ -214,7 +210,7 @@ class WorkerQueue:
             raise read_reply
         return statuses, self._entries(models, read_reply)
 
-    def finish(self, lease: Lease, status: JobStatus, *, png: bytes = b"", error: str = "") -> str:
+    def complete(self, lease: Lease, status: JobStatus, *, png: bytes = b"", error: str = "") -> str:
         """Stores the outcome (and the PNG) once, acknowledges the delivery; `ok`, `stale`, or the
         terminal status the job already had (for example cancelled)."""
         reply = self._scripts["finish"](
@@ -266,10 +262,6 @@ class WorkerQueue:
 
     def sign_off(self) -> None:
         self.redis.delete(keys.worker(self.worker))
-
-    def lag(self, model: str) -> int:
-        """Backlog of a model's stream: queued plus held by workers."""
-        return int(self.redis.xlen(keys.jobs(model)))
 
     def _each(self, script: str, leases: Sequence[Lease], args: Any) -> list[str]:
         if not leases:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 
+from ..ldm.request import MODEL_NAME
+
 PREFIX = "ldm"
 GROUP = "workers"  # the consumer group every worker of a model's stream joins
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+__all__ = ["MODEL_NAME"]  # model names are the request's rule; keys are built from them
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

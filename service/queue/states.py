@@ -1,19 +1,11 @@
-"""The job spec: one validated request for one image, as it travels through Redis (JSON, images as
-base64 PNG). Limits that need the model (size multiples, sampler names, inpainting) are checked by
-the worker's engine; its message comes back as the job's error."""
+"""A job's states, and a job as its hash reads. What a job draws (its spec) is the engine's
+`GenerationRequest` (`service/ldm/request.py`), stored as JSON in the job's hash."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PROMPT_CHARS = 4000
-MAX_SIDE = 2048
-MAX_STEPS = 500
-MAX_IMAGE_BYTES = 16 * 1024 * 1024
-SEED_LIMIT = 2**63
+from pydantic import BaseModel
 
 
 class JobStatus(StrEnum):
@@ -33,39 +25,6 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
-
-
-class JobSpec(BaseModel):
-    """What to draw. None means the model's default; one job is one image."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
-
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    width: int | None = Field(None, ge=1, le=MAX_SIDE)
-    height: int | None = Field(None, ge=1, le=MAX_SIDE)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
-    sampler: str | None = Field(None, min_length=1, max_length=32)
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
-    eta: float = Field(0.0, ge=0.0, le=1.0)
-    init_image: bytes | None = Field(None, max_length=MAX_IMAGE_BYTES, description="PNG (img2img)")
-    mask: bytes | None = Field(None, max_length=MAX_IMAGE_BYTES, description="PNG, white is repainted")
-    strength: float = Field(0.8, ge=0.0, le=1.0)
-
-    @field_validator("init_image", "mask")
-    @classmethod
-    def _png(cls, value: bytes | None) -> bytes | None:
-        if value is not None and not value.startswith(PNG_SIGNATURE):
-            raise ValueError("must be a PNG image")
-        return value
-
-    @field_validator("mask")
-    @classmethod
-    def _mask_needs_image(cls, value: bytes | None, info: ValidationInfo) -> bytes | None:
-        if value is not None and info.data.get("init_image") is None:
-            raise ValueError("a mask needs an init image")
-        return value
 
 
 class JobState(BaseModel):

@@ -4,7 +4,6 @@ The gateway and the tests use it; the worker's side lives in `delivery.py`."""
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, cast
@@ -13,9 +12,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from ..ldm.request import GenerationRequest
 from . import keys
 from .scripts import SCRIPTS
-from .spec import JobSpec, JobState, JobStatus
+from .states import JobState, JobStatus
 
 if TYPE_CHECKING:
     from ..settings import QueueSettings
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
+class BacklogFull(Exception):
     """The model's backlog is at its bound: refuse (HTTP 429 / RESOURCE_EXHAUSTED), retry later."""
 
     def __init__(self, model: str, backlog: int) -> None:
@@ -50,6 +50,11 @@ def text(value: bytes | str | None) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def backlog(client: redis.Redis, model: str) -> int:
+    """Jobs of a model queued or held by a worker (acknowledged entries are deleted from the stream)."""
+    return int(client.xlen(keys.jobs(model)))
 
 
 class JobStore:
@@ -80,20 +85,19 @@ class JobStore:
     def enqueue(
         self,
         model: str,
-        spec: JobSpec | dict[str, Any],
+        request: GenerationRequest,
         *,
         owner: str = "",
         timeout_s: float | None = None,
         job_id: str | None = None,
     ) -> str:
-        """Validates the spec (a missing seed is drawn now), checks the backlog, adds the job to the
-        model's stream and creates its hash, atomically; returns the job id. Retrying with the same
-        `job_id` does not add it twice."""
+        """Checks the backlog, adds the job to the model's stream and creates its hash, atomically;
+        returns the job id. The request carries its seed (`request.resolve` drew it), so every attempt
+        draws the same image. Retrying with the same `job_id` does not add it twice."""
         if not keys.MODEL_NAME.match(model):
             raise ValueError(f"invalid model name {model!r}")
-        spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
-        if spec.seed is None:  # drawn once here, so that every attempt draws the same image
-            spec = spec.model_copy(update={"seed": secrets.randbelow(2**32)})
+        if request.seed is None:
+            raise ValueError("the request has no seed: resolve it (service.ldm.request.plan) first")
         job_id = job_id or uuid.uuid4().hex
         if not keys.JOB_ID.match(job_id):
             raise ValueError(f"invalid job id {job_id!r}")
@@ -104,11 +108,11 @@ class JobStore:
         ttl = int(timeout + self.result_ttl_s) + 1
         reply = self._enqueue(
             keys=[keys.jobs(model), keys.job(job_id), keys.events(job_id)],
-            args=[job_id, model, owner, spec.model_dump_json(), now, now + timeout, self.max_backlog, ttl],
+            args=[job_id, model, owner, request.to_json(), now, now + timeout, self.max_backlog, ttl],
         )
         outcome = text(reply[0])
         if outcome == "full":
-            raise QueueFull(model, int(reply[1]))
+            raise BacklogFull(model, int(reply[1]))
         return job_id
 
     def get(self, job_id: str) -> JobState | None:
@@ -118,9 +122,10 @@ class JobStore:
         values = {text(k): text(v) for k, v in fields.items() if text(k) not in ("spec", "entry")}
         return JobState.model_validate({k: v for k, v in values.items() if v != ""})
 
-    def spec(self, job_id: str) -> JobSpec | None:
+    def request(self, job_id: str) -> GenerationRequest | None:
+        """What the job draws (its spec)."""
         raw = self.redis.hget(keys.job(job_id), "spec")
-        return None if raw is None else JobSpec.model_validate_json(raw)
+        return None if raw is None else GenerationRequest.from_json(raw)
 
     def result(self, job_id: str) -> bytes | None:
         """The PNG of a succeeded job, until its TTL runs out."""
@@ -157,8 +162,7 @@ class JobStore:
         return out
 
     def backlog(self, model: str) -> int:
-        """Jobs queued or held by a worker (acknowledged entries are deleted from the stream)."""
-        return int(self.redis.xlen(keys.jobs(model)))
+        return backlog(self.redis, model)
 
     def dead_letters(self, model: str, count: int = 100) -> list[dict[str, str]]:
         entries = cast(Any, self.redis.xrange(keys.dead(model), count=count))

@@ -1,0 +1,302 @@
+"""What a generation request is, in one place: its fields, their bounds and defaults, the sampler names
+and the seed rule. Torch-free: the gateway, the queue, the worker and the engine all import it.
+
+One request is one image. `GenerationRequest` is the type that travels from every public API (each
+an adapter that maps its own field names onto it) through Redis (`to_json`) to the engine; None in a
+field means "the model's default". `resolve` checks it against a model and a set of limits and fills
+the defaults in, giving the `ResolvedRequest` that is run: the gateway resolves with its settings'
+limits before anything is enqueued, the engine with the hard bounds below.
+
+The seed rule: a request without a seed gets one drawn once, by `resolve` (the gateway resolves before
+it enqueues, so every attempt of a job draws the same image); `plan` gives image i of n the seed
+`seed + i`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+
+from .config import ModelConfig
+
+SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
+DRAWN_SEED_LIMIT = 2**32  # a drawn seed fits the web UIs' seed fields
+# Hard bounds: what the protocol carries at all. The served limits are settings (`Limits`), at most these.
+MAX_PROMPT_CHARS = 4000
+MAX_SIDE = 2048
+MAX_STEPS = 500
+MAX_GUIDANCE = 50.0
+MAX_N = 64
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_STRENGTH = 0.8
+DEFAULT_ETA = 0.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# How a served model is named: the `model` field of every API, and part of its Redis keys.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RequestError(ValueError):
+    """A request that cannot run as given; `field` names the offending field (the request's name)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def first_error(e: ValidationError) -> RequestError:
+    """A pydantic error as a RequestError naming its field."""
+    error = e.errors()[0]
+    message = error["msg"].removeprefix("Value error, ")
+    return RequestError(".".join(map(str, error["loc"])) or "request", message)
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include 3.0: accepted as 3 (strings and booleans are still refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _base64(value: Any) -> Any:
+    """Images travel as base64 text (standard or URL-safe alphabet); bytes pass as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return base64.b64decode(
+            value, altchars=b"-_" if ("-" in value or "_" in value) else None, validate=True
+        )
+    except (binascii.Error, ValueError):
+        raise ValueError("must be base64 (a PNG image)") from None
+
+
+def _known_sampler(name: str) -> str:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return name
+
+
+Sampler = Annotated[
+    str, AfterValidator(_known_sampler), WithJsonSchema({"type": "string", "enum": list(SAMPLERS)})
+]
+# Strict about types (no "5" for 5, no true for 1), but with JSON Schema's idea of an integer.
+Int = Annotated[int, BeforeValidator(_integral)]
+PngImage = Annotated[
+    bytes,
+    BeforeValidator(_base64),
+    Field(max_length=MAX_IMAGE_BYTES),
+    PlainSerializer(lambda b: base64.urlsafe_b64encode(b).decode(), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}),
+]
+
+
+class TextFields(BaseModel):
+    """What to draw, and how: the fields of every API's text-to-image request. None: the model's default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a large red circle on the left"]
+    )
+    negative_prompt: str = Field(
+        default="", max_length=MAX_PROMPT_CHARS, description="the unconditional branch of CFG"
+    )
+    width: Int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="pixels, a multiple of the model's factor"
+    )
+    height: Int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="pixels, a multiple of the model's factor"
+    )
+    steps: Int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE, description="classifier-free guidance"
+    )
+    sampler: Sampler | None = None
+    seed: Int | None = Field(
+        default=None, ge=0, lt=SEED_LIMIT, description="drawn when absent; image i of n gets seed + i"
+    )
+    eta: float | None = Field(
+        default=None, ge=0.0, le=1.0, description=f"DDIM's eta ({DEFAULT_ETA:g}: deterministic)"
+    )
+
+
+class ImageFields(BaseModel):
+    """What image-to-image and inpainting add: the init image, a mask (white is repainted), strength."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    init_image: PngImage | None = Field(default=None, description="base64 PNG (img2img)")
+    mask: PngImage | None = Field(default=None, description="base64 PNG, white is repainted (inpainting)")
+    strength: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description=f"how much of the init image is redrawn ({DEFAULT_STRENGTH:g})",
+    )
+
+    @field_validator("init_image", "mask")
+    @classmethod
+    def _png(cls, value: bytes | None) -> bytes | None:
+        if value is not None and not value.startswith(PNG_SIGNATURE):
+            raise ValueError("must be a PNG image")
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_needs_image(cls, value: bytes | None, info: ValidationInfo) -> bytes | None:
+        if value is not None and info.data.get("init_image") is None:
+            raise ValueError("a mask needs an init image")
+        return value
+
+
+class GenerationRequest(TextFields, ImageFields):
+    """One image to draw: the request every API maps onto, and the job spec in Redis (`to_json`)."""
+
+    def to_json(self) -> str:
+        """The job spec as stored in Redis: fields left out stay out (the worker's model fills them in)."""
+        return self.model_dump_json(exclude_none=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> GenerationRequest:
+        return cls.model_validate_json(text)
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> GenerationRequest:
+        """From an adapter's field values (None: absent); RequestError names the first bad field."""
+        try:
+            return cls.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            raise first_error(e) from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a deployment serves; the gateway's settings narrow these hard bounds (GatewaySettings)."""
+
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_steps: int = MAX_STEPS
+    max_side: int = MAX_SIDE
+    max_pixels: int = MAX_SIDE * MAX_SIDE
+    max_n: int = MAX_N
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default filled in and every rule checked, as it is run."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int
+    eta: float
+    strength: float
+    init_image: bytes | None
+    mask: bytes | None
+
+    def parameters(self) -> str:
+        """The text stored in the PNG, in the web UIs' `parameters` style."""
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        return (
+            f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
+            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
+        )
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(DRAWN_SEED_LIMIT)
+
+
+def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Limits()) -> ResolvedRequest:
+    """Checks what the model and the limits constrain and fills in the defaults; RequestError otherwise."""
+    _check_text(request, limits)
+    native = (model.sample_size, model.sample_size)
+    if request.init_image is not None:
+        native = image_size(request.init_image, "init_image")
+    if request.mask is not None:
+        image_size(request.mask, "mask")
+    if model.is_inpainting and (request.init_image is None or request.mask is None):
+        raise RequestError("init_image", "this is an inpainting model: give an init image and a mask")
+    width = native[0] if request.width is None else request.width
+    height = native[1] if request.height is None else request.height
+    _check_size(width, height, model.downsample_factor, limits)
+    steps = model.default_steps if request.steps is None else request.steps
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+    return ResolvedRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=model.default_guidance if request.guidance_scale is None else request.guidance_scale,
+        sampler=request.sampler or model.default_sampler,
+        seed=draw_seed() if request.seed is None else request.seed,
+        eta=DEFAULT_ETA if request.eta is None else request.eta,
+        strength=DEFAULT_STRENGTH if request.strength is None else request.strength,
+        init_image=request.init_image,
+        mask=request.mask,
+    )
+
+
+def plan(request: GenerationRequest, n: int, model: ModelConfig, limits: Limits) -> list[GenerationRequest]:
+    """The requests of n images (seeds seed .. seed + n - 1, the seed drawn once when absent), checked
+    before any is enqueued. Fields left out stay out, for the worker's model to fill in."""
+    if not 1 <= n <= limits.max_n:
+        raise RequestError("n", f"must be between 1 and {limits.max_n}, got {n}")
+    seed = resolve(request, model, limits).seed
+    if seed + n - 1 >= SEED_LIMIT:
+        raise RequestError("seed", f"must be between 0 and 2**63 - n, got {seed}")
+    return [request.model_copy(update={"seed": seed + i}) for i in range(n)]
+
+
+def image_size(data: bytes, field: str) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, without decoding the image."""
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 24 or data[12:16] != b"IHDR":
+        raise RequestError(field, "must be a PNG image")
+    width, height = struct.unpack(">II", data[16:24])
+    if not (width and height):
+        raise RequestError(field, "must be a PNG image of positive size")
+    return width, height
+
+
+def _check_text(request: GenerationRequest, limits: Limits) -> None:
+    if not request.prompt.strip():
+        raise RequestError("prompt", "must not be empty")
+    for field, value in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if len(value) > limits.max_prompt_chars:
+            raise RequestError(
+                field, f"must be at most {limits.max_prompt_chars} characters, got {len(value)}"
+            )
+        if "\x00" in value:
+            raise RequestError(field, "must not contain NUL characters")
+
+
+def _check_size(width: int, height: int, multiple: int, limits: Limits) -> None:
+    for field, value in (("width", width), ("height", height)):
+        if not multiple <= value <= limits.max_side:
+            raise RequestError(field, f"must be between {multiple} and {limits.max_side}, got {value}")
+        if value % multiple:
+            raise RequestError(field, f"must be a multiple of {multiple} for this model, got {value}")
+    if width * height > limits.max_pixels:
+        raise RequestError("width", f"width x height must be at most {limits.max_pixels} pixels")
