@@ -71,6 +71,12 @@ class WorkerMetrics:
         )
         self._busy = BusyWindow()
 
+    def observe_success(self, started: float, created: float) -> None:
+        """A stored image: inference from `started`, total from `created` (Unix times)."""
+        now = time.time()
+        self.inference_seconds.observe(max(0.0, now - started))
+        self.total_seconds.observe(max(0.0, now - created))
+
     def busy(self, seconds: float, now: float | None = None) -> None:
         self.busy_ratio.set(self._busy.add(seconds, time.monotonic() if now is None else now))
 

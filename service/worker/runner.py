@@ -2,11 +2,11 @@
 
 One iteration is one denoising step of the running batch (or one wait for work when idle):
 
-1. store the outcomes waiting in the outbox (results survive a Redis outage there);
+1. flush the ledger's outbox (results survive a Redis outage there);
 2. claim: reclaim idle deliveries (dead or draining workers'), then read new entries, never more
    than the scheduler has free slots for, so what this worker cannot take stays with idle ones
    (while a batch runs, that read rides in the previous step's progress round trip);
-3. admit: the scheduler picks who joins; expired jobs are ended, the others started and prepared
+3. admit: the scheduler picks who joins; expired jobs leave, the others are started and prepared
    (an invalid request fails alone);
 4. step the batch once, publish progress (which reports cancelled and superseded jobs: they leave
    at the next boundary), decode the finished members together and store each result, fenced by
@@ -14,71 +14,46 @@ One iteration is one denoising step of the running batch (or one wait for work w
    step runs, so a busy worker's Redis round trips stay off the denoising path; it is sent in line
    when members finish, so their last progress event comes before their result.
 
-A keeper thread renews this worker's deliveries and heartbeat while the loop is busy in torch, but
-only while the loop moves: a loop that has not iterated for stall_timeout_s (a hung device call, a
-deadlock) is stuck, /healthz says so (503, for the liveness probe), and its jobs and heartbeat are
-left to expire so that other workers take the jobs over.
-SIGTERM drains: stop claiming, hand back what waits, finish the batch within the grace period, hand
-back the rest, exit 0.
+Every job leaves through `Ledger.leave` (`ledger.py`); the keeper thread (`keeper.py`) renews
+deliveries and the heartbeat while the loop moves. SIGTERM drains: stop claiming, hand back what
+waits, finish the batch within the grace period, hand back the rest, exit 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import signal
-import socket
-import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import redis
 import torch
+from pydantic import ValidationError
 
 from ..ldm.batch import DenoisingBatch
-from ..ldm.engine import Engine, ResolvedRequest
+from ..ldm.engine import Engine
 from ..ldm.images import png_bytes
+from ..ldm.request import GenerationRequest, first_error
 from ..queue.delivery import Entry, Lease, WorkerQueue
-from ..queue.jobs import connect
-from ..queue.spec import JobSpec, JobStatus
+from ..queue.states import JobStatus
+from ..queue.store import connect
 from ..settings import WorkerSettings
+from .faults import inject
+from .keeper import Keeper
+from .ledger import Job, Ledger, Outcome
 from .metrics import WorkerMetrics
-from .requests import error_message, generation_request
 from .scheduler import Candidate, Scheduler
 
 log = logging.getLogger(__name__)
 
-CRASH_PROMPT = "__crash_worker__"  # with LDM_TEST_FAULTS=1 only: the worker dies when it admits this job
-# With LDM_TEST_FAULTS=1 only: the loop hangs for 4 x stall_timeout_s when it admits this job on its
-# first delivery (as a hung device call would), then goes on.
-STALL_PROMPT = "__stall_worker__"
 IDLE_BLOCK_MS = 500  # an idle worker waits this long on the streams between reclaim scans
 RECLAIM_POLL_S = 0.5
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-
-
-@dataclass
-class Job:
-    lease: Lease
-    request: ResolvedRequest | None  # None when the spec did not resolve (the job fails at once)
-    started: float = 0.0
-
-    @property
-    def id(self) -> str:
-        return self.lease.job_id
-
-
-@dataclass(frozen=True)
-class Outcome:
-    job: Job
-    status: JobStatus
-    png: bytes = b""
-    error: str = ""
+Progress = tuple[dict[str, str], list[Entry]]  # each job's status, and the entries read alongside
 
 
 class Worker:
@@ -89,9 +64,9 @@ class Worker:
         self.name = settings.name
         self.queue = self._queue()
         self.scheduler = Scheduler(settings.max_batch, settings.pixel_budget, settings.max_wait_ms / 1000)
-        self.jobs: dict[str, Job] = {}  # every job held: waiting, running or in the outbox
-        self.outbox: deque[Outcome] = deque()
         self.batch: DenoisingBatch | None = None
+        self.ledger = Ledger(self.queue, metrics, self._detach)
+        self.keeper = Keeper(settings, self._queue(), self.ledger, metrics, self._status)
         self.draining = False
         self._drain_deadline: float | None = None
         self._wait_s: float | None = None
@@ -100,14 +75,8 @@ class Worker:
         # Progress goes out on a thread of its own, during the next step (see _step).
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
         self._io_queue = self._queue()
-        self._in_flight: tuple[Future[tuple[dict[str, str], list[Entry]]], list[tuple[str, Lease]]] | None = (
-            None
-        )
-        self._lock = threading.Lock()
-        self._superseded: set[Lease] = set()
-        self._stop = threading.Event()
+        self._in_flight: tuple[Future[Progress], list[tuple[str, Lease]]] | None = None
         self._started = time.time()
-        self._beat = time.monotonic()  # the loop's last iteration
 
     def _queue(self) -> WorkerQueue:
         s = self.settings
@@ -119,31 +88,45 @@ class Worker:
             result_ttl_s=s.result_ttl_s,
         )
 
+    def healthy(self) -> bool:
+        return self.keeper.healthy()
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "models": list(self.engines),
+            "draining": self.draining,
+            "started": self._started,
+        }
+
+    def _detach(self, job_id: str) -> None:
+        if self.batch is not None:
+            self.batch.remove(job_id)
+        self.scheduler.leave(job_id)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        keeper = threading.Thread(target=self._keep, name="keeper", daemon=True)
-        keeper.start()
+        self.keeper.start()
         log.info("worker %s serving %s", self.name, ", ".join(self.engines))
         failures = 0
         groups_ready = False
         while True:
-            self._beat = time.monotonic()
-            self.metrics.loop_timestamp.set(time.time())
+            self.keeper.beat()
             try:
                 if not groups_ready:
                     self.queue.ensure_groups()
                     groups_ready = True
                 if self.draining and self._drain():
                     break
-                self._flush()
-                self._drop_superseded()
+                self.ledger.flush()
+                self.ledger.drop_superseded()
                 self._claim()
                 self._admit()
                 self._step()
-                self._flush()
+                self.ledger.flush()
                 failures = 0
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
@@ -159,8 +142,7 @@ class Worker:
                     log.warning("drain deadline passed without redis: leaving the rest to be reclaimed")
                     break
                 time.sleep(delay)
-        self._stop.set()
-        keeper.join(timeout=5)
+        self.keeper.stop()
         self._io.shutdown(wait=True)
         with contextlib.suppress(*REDIS_ERRORS):
             self.queue.sign_off()
@@ -174,22 +156,26 @@ class Worker:
 
     def _drain(self) -> bool:
         """One drain iteration; True when the worker may exit."""
-        self._settle()
-        waiting = [self.jobs[c.key] for c in self.scheduler.take_waiting()]
+        self._collect_progress()
+        waiting = [self.ledger.jobs[c.key] for c in self.scheduler.take_waiting()]
         if waiting:
             log.info("draining: handing back %d waiting jobs", len(waiting))
-            self._hand_back(waiting)
+            self._leave_all(waiting, Outcome.handed_back())
         assert self._drain_deadline is not None
         late = time.monotonic() >= self._drain_deadline
         if self.batch is not None and len(self.batch) and not late:
             return False
-        running = [self.jobs[key] for key in list(self.scheduler.running) if key in self.jobs]
+        running = [job for key in list(self.scheduler.running) if (job := self.ledger.get(key))]
         if running:
             log.info("drain grace over: handing back %d running jobs", len(running))
-            self._hand_back(running)
+            self._leave_all(running, Outcome.handed_back())
         self.batch = None
-        self._flush()
+        self.ledger.flush()
         return True
+
+    def _leave_all(self, jobs: list[Job], outcome: Outcome) -> None:
+        for job in jobs:
+            self.ledger.leave(job, outcome)
 
     # -- claiming ---------------------------------------------------------------------------------
 
@@ -249,24 +235,21 @@ class Worker:
             elif claimed.lease is None:
                 log.debug("job %s: nothing to run (%s)", claimed.entry.job_id, claimed.outcome)
             else:
-                old = self.jobs.get(claimed.lease.job_id)
-                if old is not None:  # our own delivery went idle (a long outage) and we took it again
-                    self._drop(old)
                 self._accept(claimed.lease)
 
     def _accept(self, lease: Lease) -> None:
-        """Resolves the spec against the model; an invalid one fails here, alone."""
+        """Resolves the request against the model; an invalid one fails here, alone."""
         engine = self.engines[lease.model]
         try:
-            request = engine.resolve(generation_request(JobSpec.model_validate_json(lease.spec_json)))
-        except Exception as e:  # invalid spec, unreadable image, anything the engine refuses
+            request = engine.resolve(GenerationRequest.from_json(lease.spec_json))
+        except Exception as e:  # a bad spec, an unreadable image, anything the model refuses
             job = Job(lease, None)
-            self._hold(job)
-            self._end(job, JobStatus.FAILED, error=error_message(e))
+            self.ledger.hold(job)
+            self.ledger.leave(job, Outcome.failed(error_message(e)))
             return
         f = engine.config.downsample_factor
         h, w = request.height // f, request.width // f
-        self._hold(Job(lease, request))
+        self.ledger.hold(Job(lease, request))
         self.scheduler.offer(
             Candidate(
                 lease.job_id, (lease.model, h, w), h * w, lease.deadline, time.time(), lease.deliveries > 1
@@ -279,34 +262,31 @@ class Worker:
         decision = self.scheduler.decide(time.time(), self.draining)
         self._wait_s = decision.wait_s
         for c in decision.expire:
-            self._end(self.jobs[c.key], JobStatus.EXPIRED, error="deadline passed before the job started")
+            self.ledger.leave(
+                self.ledger.jobs[c.key], Outcome.expired("deadline passed before the job started")
+            )
         if not decision.admit:
             return
-        jobs = [self.jobs[c.key] for c in decision.admit]
-        model = jobs[0].lease.model
-        engine = self.engines[model]
+        jobs = [self.ledger.jobs[c.key] for c in decision.admit]
+        engine = self.engines[jobs[0].lease.model]
         if self.batch is None or not len(self.batch):
             self.batch = engine.new_batch()
         busy_start = time.perf_counter()
         for job, status in zip(jobs, self.queue.start([j.lease for j in jobs]), strict=True):
             if status != JobStatus.RUNNING.value:
                 log.info("job %s not started: %s", job.id, status)
-                self._forget(job, status)
+                self.ledger.leave(job, Outcome.no_longer_ours(status))
                 continue
             assert job.request is not None
-            if self.settings.test_faults and job.request.prompt == CRASH_PROMPT:
-                log.error("fault injection: crashing on job %s", job.id)
-                os._exit(1)
-            if self.settings.test_faults and job.request.prompt == STALL_PROMPT and job.lease.deliveries == 1:
-                log.error("fault injection: the loop hangs on job %s", job.id)
-                time.sleep(4 * self.settings.stall_timeout_s)
+            if self.settings.test_faults:
+                inject(job.request.prompt, job.id, job.lease.deliveries, self.settings.stall_timeout_s)
             job.started = time.time()
             self.metrics.queue_wait_seconds.observe(max(0.0, job.started - job.lease.created))
             try:
                 member, _tokens = engine.prepare(job.request, job.id)
             except Exception as e:
                 log.warning("job %s failed to prepare: %s", job.id, e)
-                self._end(job, JobStatus.FAILED, error=error_message(e))
+                self.ledger.leave(job, Outcome.failed(error_message(e)))
                 continue
             self.batch.add(member)
         self.metrics.busy(time.perf_counter() - busy_start)
@@ -322,12 +302,9 @@ class Worker:
             finished = batch.step()
         except Exception as e:  # an engine failure we cannot pin on one member fails its batch
             log.exception("denoising step failed")
-            self._settle()
-            for key in list(batch.members):
-                batch.remove(key)
-                self._end(
-                    self.jobs[str(key)], JobStatus.FAILED, error=f"denoising failed: {error_message(e)}"
-                )
+            self._collect_progress()
+            failed = Outcome.failed(f"denoising failed: {error_message(e)}")
+            self._leave_all([self.ledger.jobs[str(key)] for key in list(batch.members)], failed)
             return
         elapsed = time.perf_counter() - started
         if active:
@@ -335,10 +312,10 @@ class Worker:
             self.metrics.step_seconds.observe(elapsed)
         # The last step's progress went out while this step ran: who it found cancelled or
         # superseded leaves now (finished or not), and the jobs it read wait to be admitted.
-        left = self._settle()
+        left = self._collect_progress()
         finished = [m for m in finished if str(m.key) not in left]
         members = [*batch.members.values(), *finished]
-        sent = [(str(m.key), self.jobs[str(m.key)].lease) for m in members]
+        sent = [(str(m.key), self.ledger.jobs[str(m.key)].lease) for m in members]
         items = [(lease, m.steps_done, m.total_steps) for (_, lease), m in zip(sent, members, strict=True)]
         models, free = self._read_target()
         self._read_ahead = free > 0
@@ -350,45 +327,42 @@ class Worker:
         # In line when members finish (their last progress event must precede their result) and
         # when the batch empties (nothing stays in flight while the worker waits for work).
         try:
-            statuses, entries = self.queue.progress_and_read(items, models, free)
+            progress = self.queue.progress_and_read(items, models, free)
         except REDIS_ERRORS as e:  # progress is best effort; results wait in the outbox
             log.warning("progress not published: %s", e)
-            statuses, entries = {}, []
-        left = self._apply(sent, statuses, entries)
+            progress = ({}, [])
+        left = self._apply_progress(sent, progress)
         done = [m for m in finished if str(m.key) not in left]
         if done:
             decode_start = time.perf_counter()
-            self._publish([self.jobs[str(m.key)] for m in done], [m.final_latent() for m in done])
+            self._publish([self.ledger.jobs[str(m.key)] for m in done], [m.final_latent() for m in done])
             elapsed += time.perf_counter() - decode_start
         self.metrics.busy(elapsed)
 
-    def _settle(self) -> set[str]:
+    def _collect_progress(self) -> set[str]:
         """Applies the progress round trip in flight, if any; returns the jobs that left."""
         if self._in_flight is None:
             return set()
         future, sent = self._in_flight
         self._in_flight = None
         try:
-            statuses, entries = future.result()
+            progress = future.result()
         except REDIS_ERRORS as e:  # progress is best effort
             log.warning("progress not published: %s", e)
             return set()
-        return self._apply(sent, statuses, entries)
+        return self._apply_progress(sent, progress)
 
-    def _apply(
-        self, sent: list[tuple[str, Lease]], statuses: dict[str, str], entries: list[Entry]
-    ) -> set[str]:
+    def _apply_progress(self, sent: list[tuple[str, Lease]], progress: Progress) -> set[str]:
         """Jobs no longer `running` (cancelled, superseded) leave the batch; new entries are taken."""
+        statuses, entries = progress
         left = set()
         for key, lease in sent:
             status = statuses.get(lease.job_id, JobStatus.RUNNING.value)
-            job = self.jobs.get(key)
+            job = self.ledger.get(key)
             if status == JobStatus.RUNNING.value or job is None or job.lease != lease:
                 continue  # still running, or already gone
-            if self.batch is not None:
-                self.batch.remove(key)
             log.info("job %s leaves the batch: %s", key, status)
-            self._forget(job, status)
+            self.ledger.leave(job, Outcome.no_longer_ours(status))
             left.add(key)
         self._take(entries, reclaimed=False)
         return left
@@ -400,142 +374,14 @@ class Worker:
             images = engine.decode(torch.cat(latents))
         except Exception as e:
             log.exception("decoding failed")
-            for job in jobs:
-                self._end(job, JobStatus.FAILED, error=f"decoding failed: {error_message(e)}")
+            self._leave_all(jobs, Outcome.failed(f"decoding failed: {error_message(e)}"))
             return
         for job, image in zip(jobs, images, strict=True):
             assert job.request is not None
-            self._end(job, JobStatus.SUCCEEDED, png=png_bytes(image, job.request.parameters()))
+            self.ledger.leave(job, Outcome.succeeded(png_bytes(image, job.request.parameters())))
 
-    # -- ending jobs ------------------------------------------------------------------------------
 
-    def _end(self, job: Job, status: JobStatus, png: bytes = b"", error: str = "") -> None:
-        """Queues the outcome; the delivery stays ours (renewed) until the outcome is stored."""
-        self.scheduler.leave(job.id)
-        self.outbox.append(Outcome(job, status, png, error))
-
-    def _flush(self) -> None:
-        while self.outbox:
-            outcome = self.outbox[0]
-            job = outcome.job
-            reply = self.queue.finish(job.lease, outcome.status, png=outcome.png, error=outcome.error)
-            self.outbox.popleft()
-            self._release(job)
-            if reply == "ok":
-                self.metrics.jobs.labels(outcome.status.value).inc()
-                if outcome.status == JobStatus.SUCCEEDED:
-                    now = time.time()
-                    self.metrics.images.inc()
-                    self.metrics.inference_seconds.observe(max(0.0, now - job.started))
-                    self.metrics.total_seconds.observe(max(0.0, now - job.lease.created))
-                log.info(
-                    "job %s %s%s", job.id, outcome.status.value, f": {outcome.error}" * bool(outcome.error)
-                )
-            elif reply == "stale":
-                self.metrics.stale.inc()
-                log.warning("job %s: outcome refused, a newer attempt holds the job", job.id)
-            else:
-                log.info("job %s was already %s", job.id, reply)
-
-    def _forget(self, job: Job, status: str) -> None:
-        """Drops a job that is no longer ours to finish (superseded, or ended by someone else)."""
-        self.scheduler.leave(job.id)
-        self._release(job)
-        if status == "stale":
-            self.metrics.stale.inc()
-        elif status == JobStatus.CANCELLED.value:
-            self.metrics.jobs.labels(status).inc()
-
-    def _hand_back(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            if self.batch is not None:
-                self.batch.remove(job.id)
-            self.scheduler.leave(job.id)
-        replies = self.queue.hand_back([j.lease for j in jobs])
-        for job, reply in zip(jobs, replies, strict=True):
-            self._release(job)
-            if reply == "ok":
-                self.metrics.handed_back.inc()
-
-    def _drop_superseded(self) -> None:
-        with self._lock:
-            superseded, self._superseded = self._superseded, set()
-        for lease in superseded:
-            job = self.jobs.get(lease.job_id)
-            if job is None or job.lease != lease or any(o.job is job for o in self.outbox):
-                continue  # gone already, a newer attempt of ours, or its outcome will be refused
-            log.warning("job %s was reclaimed by another worker: dropping it", job.id)
-            self._drop(job)
-
-    def _drop(self, job: Job) -> None:
-        """Drops a superseded job from the batch (if it is there) and from everything held."""
-        if self.batch is not None:
-            self.batch.remove(job.id)
-        self._forget(job, "stale")
-
-    def _hold(self, job: Job) -> None:
-        with self._lock:
-            self.jobs[job.id] = job
-
-    def _release(self, job: Job) -> None:
-        with self._lock:
-            if self.jobs.get(job.id) is job:  # not a newer attempt of the same job
-                del self.jobs[job.id]
-
-    # -- the keeper thread ------------------------------------------------------------------------
-
-    def healthy(self) -> bool:
-        """False while the loop is stuck: it has not iterated for stall_timeout_s."""
-        return time.monotonic() - self._beat <= self.settings.stall_timeout_s
-
-    def _keep(self) -> None:
-        """Renews this worker's deliveries and heartbeat while the loop moves, on a connection of its
-        own. While the loop is stuck it renews nothing: the heartbeat expires and the deliveries go
-        idle, so other workers reclaim the jobs (and fencing refuses whatever this one does later)."""
-        queue = self._queue()
-        interval = self.settings.reclaim_idle_ms / 1000 / 3
-        stuck = False
-        while not self._stop.is_set():
-            if not self.healthy():
-                if not stuck:
-                    log.error(
-                        "the worker loop has not moved for %.0f s: no longer renewing its %d jobs or the "
-                        "heartbeat, so that other workers take the jobs over",
-                        time.monotonic() - self._beat,
-                        len(self.jobs),
-                    )
-                stuck = True
-                self._stop.wait(interval)
-                continue
-            if stuck:
-                log.warning("the worker loop moves again")
-                stuck = False
-            with self._lock:
-                leases = [job.lease for job in self.jobs.values()]
-            try:
-                stale = queue.refresh(leases)
-                if stale:
-                    with self._lock:
-                        self._superseded |= stale
-                queue.heartbeat(self._heartbeat(len(leases)), ttl_s=interval * 3)
-                for model in self.engines:
-                    self.metrics.queue_backlog.labels(model).set(queue.lag(model))
-            except REDIS_ERRORS as e:
-                log.debug("keeper: redis unavailable (%s)", e)
-            except Exception:
-                log.exception("keeper failed")
-            self._stop.wait(interval)
-
-    def _heartbeat(self, held: int) -> dict[str, object]:
-        s = self.settings
-        return {
-            "name": self.name,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "models": list(self.engines),
-            "device": s.device,
-            "max_batch": s.max_batch,
-            "held": held,
-            "draining": self.draining,
-            "started": self._started,
-        }
+def error_message(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return str(first_error(e))
+    return str(e) or type(e).__name__
