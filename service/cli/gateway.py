@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pydantic import ValidationError
 
 from ..settings import GatewaySettings, gateway_settings
+from .options import add_models, bad_settings, models_value, setting_help
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -20,12 +20,9 @@ def register(commands: argparse._SubParsersAction) -> None:
             "LDM_API_KEYS, LDM_MAX_BACKLOG); see service/settings.py."
         ),
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        metavar="NAME=PATH",
-        default=None,
-        help="a model served under NAME, its checkpoint read for sizes and defaults (repeatable; "
+    add_models(
+        p,
+        "a model served under NAME, its checkpoint read for sizes and defaults (repeatable; "
         "default: the bundled demo model as 'shapes'; the first is the default model)",
     )
     p.add_argument("--host", default=None, help=_help("host"))
@@ -37,19 +34,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _help(field: str) -> str:
-    info = GatewaySettings.model_fields[field]
-    return f"{info.description} (env LDM_{field.upper()}, default: {info.default})"
-
-
-def models_option(items: list[str] | None) -> str | None:
-    """--model NAME=PATH ... as the LDM_MODELS text the settings parse (None when not given)."""
-    return ",".join(items) if items else None
+    return setting_help(GatewaySettings, field)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         settings = gateway_settings(
-            models=models_option(args.model),
+            models=models_value(args.model),
             host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
@@ -57,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
             request_timeout_s=args.request_timeout_s,
         )
     except ValidationError as e:
-        errors = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        print(f"ldm gateway: error: {errors}", file=sys.stderr)
-        return 2
+        return bad_settings("gateway", e)
     from ..gateway.serve import serve  # imported here so that `ldm --help` stays fast
 
     return serve(settings)

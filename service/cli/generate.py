@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..gateway.catalog import (
-    SAMPLERS,
-)  # the engine's names, without importing torch (a test keeps them equal)
+from ..ldm.request import SAMPLERS, Limits
 from ..paths import bundled_model
+from .options import fail
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -61,8 +60,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strength",
         type=float,
-        default=0.8,
-        help="how much of the init image to repaint, 0 (none) to 1 (all)",
+        default=None,
+        help="how much of the init image to repaint, 0 (none) to 1 (all; default 0.8)",
     )
     p.add_argument("--mask", type=Path, default=None, help="inpainting mask PNG: white is repainted")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
@@ -84,59 +83,38 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `ldm --help` stays fast: torch takes seconds to import.
-    from PIL import Image, UnidentifiedImageError
-
-    from ..ldm.checkpoint import CheckpointError
-    from ..ldm.engine import Engine, GenerationRequest, InvalidRequest
+    from ..ldm.engine import Engine
     from ..ldm.images import png_bytes
+    from ..ldm.layout import CheckpointError
+    from ..ldm.request import GenerationRequest, RequestError, plan
     from ..ldm.text import TokenizerError
 
-    def fail(message: str) -> int:
-        print(f"ldm generate: error: {message}", file=sys.stderr)
-        return 2
-
-    if args.n < 1:
-        return fail("--n must be at least 1")
     if args.output.suffix.lower() != ".png":
-        return fail(f"--output must end in .png, got {args.output}")
+        return fail("generate", f"--output must end in .png, got {args.output}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            return fail("--device cuda: no CUDA device is available")
+            return fail("generate", "--device cuda: no CUDA device is available")
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     try:
-        init_image = Image.open(args.init_image) if args.init_image else None
-        mask = Image.open(args.mask) if args.mask else None
-    except (OSError, UnidentifiedImageError) as e:
-        return fail(f"cannot read image: {e}")
+        init_image = _png_file(args.init_image)
+        mask = _png_file(args.mask)
+    except OSError as e:
+        return fail("generate", f"cannot read image: {e}")
     try:
         engine = Engine.load(
             args.model or bundled_model(), args.tokenizer, args.device, dtype, args.prediction
         )
     except (CheckpointError, TokenizerError, ValueError) as e:
-        return fail(str(e))
-    base = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        sampler=args.sampler,
-        seed=args.seed,
-        eta=args.eta,
-        init_image=init_image,
-        strength=args.strength,
-        mask=mask,
-    )
+        return fail("generate", str(e))
+    fields = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed")
+    values = {name: getattr(args, name) for name in (*fields, "eta", "strength")}
     try:
-        first = engine.resolve(base)
-    except InvalidRequest as e:
-        return fail(f"--{e.field.replace('_', '-')}: {e.message}")
-    from dataclasses import replace
-
-    requests = [replace(base, seed=first.seed + i) for i in range(args.n)]
+        base = GenerationRequest.parse({**values, "init_image": init_image, "mask": mask})
+        requests = plan(base, args.n, engine.config, _limits())
+    except RequestError as e:
+        return fail("generate", f"--{e.field.replace('_', '-')}: {e.message}")
     total = sum(engine.resolve(r).steps for r in requests)
     with tqdm(total=total, desc="denoising", unit="step", disable=None) as bar:
         done: dict[int, int] = {}
@@ -163,3 +141,26 @@ def run(args: argparse.Namespace) -> int:
             result.timings.get("total_ms", 0.0),
         )
     return 0
+
+
+def _limits() -> Limits:
+    """The CLI runs what the engine can: the hard bounds, with no cap on how many images."""
+    return Limits(max_n=2**31)
+
+
+def _png_file(path: Path | None) -> bytes | None:
+    """An image file as PNG bytes (any format PIL reads is converted)."""
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    data = path.read_bytes()
+    if data.startswith(b"\x89PNG"):
+        return data
+    try:
+        with Image.open(path) as image:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+    except UnidentifiedImageError as e:
+        raise OSError(str(e)) from None
+    return buffer.getvalue()

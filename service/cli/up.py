@@ -22,8 +22,8 @@ import redis
 from pydantic import ValidationError
 
 from ..paths import REPO_ROOT
-from ..settings import gateway_settings, worker_settings
-from .gateway import models_option
+from ..settings import GatewaySettings, WorkerSettings, gateway_settings, worker_settings
+from .options import add_models, bad_settings, default, fail, models_value
 
 log = logging.getLogger("ldm.up")
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -75,21 +75,23 @@ def register(commands: argparse._SubParsersAction) -> None:
             "dies. Ctrl-C or SIGTERM stops everything (workers drain). Other settings: LDM_... variables."
         ),
     )
+    add_models(p, "model to serve (repeatable; default: the bundled demo model as 'shapes')")
     p.add_argument(
-        "--model",
-        action="append",
-        metavar="NAME=PATH",
-        default=None,
-        help="model to serve (repeatable; default: the bundled demo model as 'shapes')",
+        "--host",
+        default=default(GatewaySettings, "host"),
+        help="address of HTTP and gRPC (default: %(default)s)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address of HTTP and gRPC (default: %(default)s)")
-    p.add_argument("--http-port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--grpc-port", type=int, default=50051, help="default: %(default)s")
+    p.add_argument(
+        "--http-port", type=int, default=default(GatewaySettings, "http_port"), help="default: %(default)s"
+    )
+    p.add_argument(
+        "--grpc-port", type=int, default=default(GatewaySettings, "grpc_port"), help="default: %(default)s"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: %(default)s)")
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=9400,
+        default=default(WorkerSettings, "metrics_port"),
         help="first worker's /metrics port, the next ones count up; 0: off (default: %(default)s)",
     )
     p.add_argument(
@@ -105,21 +107,21 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    def fail(message: str) -> int:
-        print(f"ldm up: error: {message}", file=sys.stderr)
-        return USAGE_ERROR
-
     try:
-        settings = gateway_settings(models=models_option(args.model), redis_url="redis://unused")
+        settings = gateway_settings(models=models_value(args.model), redis_url="redis://unused")
     except ValidationError as e:
-        return fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        return bad_settings("up", e)
     missing = [f"{name} ({path})" for name, path in settings.models.items() if not Path(path).exists()]
     if missing and args.workers:
-        return fail(f"model not found: {', '.join(missing)}; train the demo model (README) or pass --model")
+        return fail(
+            "up", f"model not found: {', '.join(missing)}; train the demo model (README) or pass --model"
+        )
     ports = [args.http_port, args.grpc_port] + ([] if _redis_url() else [args.redis_port])
     busy = [port for port in ports if port and not _port_free(args.host, port)]
     if busy:
-        return fail(f"port {busy[0]} is in use (another `ldm up`, or a Redis: set LDM_REDIS_URL to use it)")
+        return fail(
+            "up", f"port {busy[0]} is in use (another `ldm up`, or a Redis: set LDM_REDIS_URL to use it)"
+        )
 
     stopping: list[int] = []
 

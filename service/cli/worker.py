@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from ..settings import WorkerSettings, worker_settings
+from .options import add_models, bad_settings, fail, models_value, setting_help
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +23,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "environment variable LDM_<OPTION> (for example LDM_MAX_BATCH); see service/settings.py."
         ),
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        metavar="NAME=PATH",
-        default=None,
-        help="serve this checkpoint under NAME (repeatable; default: the bundled demo model as 'shapes')",
+    add_models(
+        p, "serve this checkpoint under NAME (repeatable; default: the bundled demo model as 'shapes')"
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help=_help("device", "where to run"))
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help=_help("dtype"))
@@ -42,28 +37,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _help(field: str, text: str = "") -> str:
-    """Help from the setting's description and default: the facts live in WorkerSettings."""
-    info = WorkerSettings.model_fields[field]
-    return f"{text or info.description} (env LDM_{field.upper()}, default: {info.default})"
+    return setting_help(WorkerSettings, field, text)
 
 
 def run(args: argparse.Namespace) -> int:
-
-    def fail(message: str) -> int:
-        print(f"ldm worker: error: {message}", file=sys.stderr)
-        return 2
-
-    models: dict[str, Path] | None = None
-    if args.model:
-        models = {}
-        for item in args.model:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                return fail(f"--model takes NAME=PATH, got {item!r}")
-            models[name] = Path(path)
     try:
         settings = worker_settings(
-            models=models,
+            models=models_value(args.model),
             device=args.device,
             dtype=args.dtype,
             max_batch=args.max_batch,
@@ -73,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
             worker_name=args.name,
         )
     except ValidationError as e:
-        return fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        return bad_settings("worker", e)
     if settings.test_faults:
         log.warning("LDM_TEST_FAULTS is on: fault injection for tests is enabled")
     # Imported here so that `ldm --help` stays fast: torch takes seconds to import.
-    from ..ldm.checkpoint import CheckpointError
+    from ..ldm.layout import CheckpointError
     from ..ldm.text import TokenizerError
     from ..worker.serve import serve
 
@@ -85,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            return fail("--device cuda: no CUDA device is available")
+            return fail("worker", "--device cuda: no CUDA device is available")
     try:
         return serve(settings)
     except (CheckpointError, TokenizerError, FileNotFoundError) as e:
-        return fail(str(e))
+        return fail("worker", str(e))
