@@ -252,7 +252,7 @@ def make_sides(engine: Engine, pipe: Any, clock: Clock, args: argparse.Namespace
     seeds = [args.seed + i for i in range(args.batch)]
     requests = [
         GenerationRequest(
-            PROMPT,
+            prompt=PROMPT,
             negative_prompt=NEGATIVE_PROMPT,
             width=args.size,
             height=args.size,

@@ -23,8 +23,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from torch import Tensor, nn
 
-from service.ldm.checkpoint import UNET_PREFIX, VAE_PREFIX
 from service.ldm.config import AutoencoderConfig, ModelConfig, UNetConfig
+from service.ldm.layout import UNET_PREFIX, VAE_PREFIX
 from service.ldm.text import build_text_model
 
 M = TypeVar("M", bound=nn.Module)

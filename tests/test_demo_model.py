@@ -13,9 +13,10 @@ from service.demo import recipe
 from service.demo.checker import grade, read_image
 from service.demo.shapes import POSITIONS, Asked, caption_for
 from service.demo.train import export_model, load_autoencoder, lr_at, train_autoencoder, train_unet
-from service.ldm.checkpoint import CONFIG_METADATA_KEY, load_model
+from service.ldm.checkpoint import load_model
 from service.ldm.config import ModelConfig
 from service.ldm.engine import Engine, GenerationRequest
+from service.ldm.layout import CONFIG_METADATA_KEY
 from service.paths import bundled_model
 
 TINY_AE = recipe.AutoencoderTraining(steps=3, batch=4, checkpoint_every=2, warmup=1)
@@ -46,7 +47,7 @@ def test_two_phases_resume_and_export(tmp_path: Path) -> None:
     assert model.config.unet == recipe.UNET
     assert model.config.prediction == TINY_UNET.prediction == "v"
     engine = Engine(model)
-    [result] = engine.generate([GenerationRequest("a red circle", steps=2, seed=0)])
+    [result] = engine.generate([GenerationRequest(prompt="a red circle", steps=2, seed=0)])
     assert result.image is not None and result.image.size == (recipe.IMAGE_SIZE, recipe.IMAGE_SIZE)
 
 
@@ -74,7 +75,9 @@ def test_shipped_model_loads_with_the_standard_loader() -> None:
 @shipped
 def test_shipped_model_draws_something() -> None:
     engine = Engine.load(bundled_model())
-    [result] = engine.generate([GenerationRequest("a large red square in the center", steps=8, seed=3)])
+    [result] = engine.generate(
+        [GenerationRequest(prompt="a large red square in the center", steps=8, seed=3)]
+    )
     assert result.image is not None
     pixels = np.asarray(result.image)
     assert pixels.shape == (engine.config.sample_size, engine.config.sample_size, 3)
@@ -91,7 +94,7 @@ def test_shipped_model_puts_shapes_where_the_caption_says() -> None:
         for colour, shape in (("red", "square"), ("cyan", "circle"))
         for position in POSITIONS
     ]
-    requests = [GenerationRequest(caption_for(a), seed=10 + i) for i, a in enumerate(asked)]
+    requests = [GenerationRequest(prompt=caption_for(a), seed=10 + i) for i, a in enumerate(asked)]
     placed = [
         grade(read_image(np.asarray(result.image)), a)["position"]
         for a, result in zip(asked, engine.generate(requests), strict=True)

@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.paths import REPO_ROOT
 from service.queue import keys
-from service.queue.jobs import JobStore, connect
-from service.queue.spec import JobStatus
+from service.queue.states import JobStatus
+from service.queue.store import JobStore, connect
 from service.settings import GatewaySettings, QueueSettings, WorkerSettings
 
 from .deploy_files import (
@@ -62,7 +62,7 @@ from .deploy_files import (
     rule_groups,
 )
 from .redis_server import RedisServer, free_port
-from .workers import SPEC, WorkerProcess, wait_for, write_tiny_model
+from .workers import SPEC, WorkerProcess, job, wait_for, write_tiny_model
 
 K8S_VERSIONS = ("1.30.0", k8s_schemas.latest_version())  # the oldest we support, the newest known
 # LDM_* variables that are not settings fields: read by service/paths.py and service/cli/main.py.
@@ -663,7 +663,7 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
 
         wait_for(ready, 30, "the gateway to be ready")
         store = JobStore(client, result_ttl_s=600)
-        jobs = [store.enqueue("tiny", SPEC), store.enqueue("tiny", {**SPEC, "sampler": "nope"})]
+        jobs = [store.enqueue("tiny", job(SPEC)), store.enqueue("tiny", job({**SPEC, "sampler": "nope"}))]
         wait_for(lambda: all((s := store.get(j)) and s.status.terminal for j in jobs), 60, "the jobs to end")
         request = {"prompt": "a red circle", "model": "idle", "width": 32, "height": 32, "steps": 2}
         async_header = {"Prefer": "respond-async"}

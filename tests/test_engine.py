@@ -12,18 +12,22 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from service.ldm.engine import Engine, InvalidRequest
-from service.ldm.engine import GenerationRequest as _Request
+from service.ldm.engine import Engine
+from service.ldm.images import png_bytes
+from service.ldm.request import GenerationRequest as _Request
+from service.ldm.request import RequestError
 
 from .reference import SCHEDULERS, reference_pipeline
 from .tiny import tiny_config, write_sd_checkpoint, write_tokenizer
 
 
 def GenerationRequest(prompt: str, **kwargs: object) -> _Request:
-    """Requests at the tiny models' 32x32 (an inferred SD checkpoint defaults to 512x512)."""
+    """Requests at the tiny models' 32x32 (an inferred SD checkpoint defaults to 512x512); images as
+    the PNGs a request carries."""
     if "init_image" not in kwargs:
         kwargs = {"width": 32, "height": 32, **kwargs}
-    return _Request(prompt, **kwargs)  # type: ignore[arg-type]
+    images = {k: png_bytes(v) for k, v in kwargs.items() if isinstance(v, Image.Image)}
+    return _Request.parse({"prompt": prompt, **kwargs, **images})
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,8 @@ def test_mixed_batch_is_invariant(engine: Engine) -> None:
     members = [engine.prepare(engine.resolve(r), i)[0] for i, r in enumerate(requests)]
     for m in members:
         batch.add(m)
-    assert batch.rows() == 9  # four CFG pairs and one unguided member
+    rows = sum(1 if m.uncond is None else 2 for m in batch.members.values() if not m.done)
+    assert rows == 9  # four CFG pairs and one unguided member
     finished = []
     while len(batch):
         finished += batch.step()
@@ -206,26 +211,28 @@ def test_native_inpainting_model(tmp_path: Path) -> None:
     mask = Image.fromarray(np.full((32, 32), 255, np.uint8))
     [result] = engine.generate([GenerationRequest("a cat", init_image=init, mask=mask, steps=3, seed=1)])
     assert result.image is not None and result.image.size == (32, 32)
-    with pytest.raises(InvalidRequest, match="init_image"):
+    with pytest.raises(RequestError, match="init_image"):
         engine.resolve(GenerationRequest("a cat"))
 
 
 @pytest.mark.parametrize(
-    ("request_", "field"),
+    ("fields", "field"),
     [
-        (GenerationRequest("x", width=31), "width"),
-        (GenerationRequest("x", height=0), "height"),
-        (GenerationRequest("x", steps=0), "steps"),
-        (GenerationRequest("x", sampler="plms"), "sampler"),
-        (GenerationRequest("x", guidance_scale=-1), "guidance_scale"),
-        (GenerationRequest("x", seed=-1), "seed"),
-        (GenerationRequest("x", strength=1.5), "strength"),
-        (GenerationRequest("x", mask=Image.new("L", (32, 32))), "mask"),
+        ({"width": 31}, "width"),
+        ({"height": 0}, "height"),
+        ({"steps": 0}, "steps"),
+        ({"sampler": "plms"}, "sampler"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"seed": -1}, "seed"),
+        ({"strength": 1.5}, "strength"),
+        ({"mask": Image.new("L", (32, 32))}, "mask"),
     ],
 )
-def test_invalid_requests_name_the_field(engine: Engine, request_: GenerationRequest, field: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        engine.resolve(request_)
+def test_invalid_requests_name_the_field(engine: Engine, fields: dict[str, object], field: str) -> None:
+    """Refused where the request is built (its own bounds) or resolved (the model's): either way the
+    error names the field."""
+    with pytest.raises(RequestError) as info:
+        engine.resolve(GenerationRequest("x", **fields))
     assert info.value.field == field
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from service.gateway.auth import ApiKeys, key_digest
-from service.gateway.catalog import SAMPLERS, Catalog, read_model_info
-from service.gateway.errors import InvalidField, NotFound, Unauthenticated
-from service.gateway.validation import GenerateInput, plan
-from service.ldm.samplers import SAMPLERS as ENGINE_SAMPLERS
+from service.gateway.catalog import read_model_info
+from service.gateway.errors import Unauthenticated
+from service.ldm.request import SAMPLERS, GenerationRequest, RequestError, plan
+from service.ldm.samplers import make_sampler
+from service.ldm.schedule import DiscreteSchedule
 from service.paths import REPO_ROOT
 from service.settings import gateway_settings, worker_settings
 
@@ -37,34 +38,39 @@ def test_the_gateway_does_not_import_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_sampler_names_mirror_the_engine() -> None:
-    assert SAMPLERS == ENGINE_SAMPLERS
+def test_every_sampler_name_has_a_sampler() -> None:
+    for name in SAMPLERS:
+        assert make_sampler(name, DiscreteSchedule(), 4).name == name
 
 
 def test_model_info_from_the_projects_own_format(tmp_path: Path) -> None:
     info = read_model_info("tiny", write_tiny_own_model(tmp_path / "m"))  # a folder: its one file
+    config = info.config
     assert info.source == "metadata" and not info.error
-    assert (info.native_size, info.size_multiple, info.default_steps) == (32, 2, 4)
-    assert (info.default_guidance, info.default_sampler, info.inpainting) == (5.0, "euler", False)
+    assert (config.sample_size, config.downsample_factor, config.default_steps) == (32, 2, 4)
+    assert (config.default_guidance, config.default_sampler, config.is_inpainting) == (5.0, "euler", False)
 
 
 def test_model_info_from_stable_diffusion_weights(tmp_path: Path) -> None:
     tokenizer = write_tokenizer(tmp_path / "tokenizer")
     plain = write_sd_checkpoint(tmp_path / "sd.safetensors", tiny_config("sd1"), tokenizer)
     info = read_model_info("sd", plain)
-    assert info.source == "weights" and (info.family, info.size_multiple, info.inpainting) == (
-        "sd1",
-        2,
-        False,
-    )
-    assert (info.native_size, info.default_steps, info.default_sampler) == (512, 20, "dpmpp_2m")  # SD 1.x's
+    config = info.config
+    assert info.source == "weights" and (config.family, config.downsample_factor) == ("sd1", 2)
+    assert not config.is_inpainting and config.unet == tiny_config("sd1").unet  # the engine's own inference
+    assert (config.sample_size, config.default_steps, config.default_sampler) == (
+        512,
+        20,
+        "dpmpp_2m",
+    )  # SD 1.x's
     inpaint = write_sd_checkpoint(tmp_path / "in.safetensors", tiny_config("sd2", in_channels=9), tokenizer)
-    assert read_model_info("in", inpaint).inpainting and read_model_info("in", inpaint).family == "sd2"
+    config = read_model_info("in", inpaint).config
+    assert config.is_inpainting and config.family == "sd2"
 
 
 def test_an_unreadable_checkpoint_gets_sd_defaults(tmp_path: Path) -> None:
     missing = read_model_info("x", tmp_path / "nope.safetensors")
-    assert missing.source == "defaults" and missing.error and missing.native_size == 512
+    assert missing.source == "defaults" and missing.error and missing.config.sample_size == 512
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     assert "header" in read_model_info("x", bad).error
@@ -98,25 +104,24 @@ def test_api_keys() -> None:
     assert ApiKeys([]).owner(None) == "" and ApiKeys([]).may_see("", key_digest("x").hex())
 
 
-def test_validation_fills_seeds_and_names_the_field(tmp_path: Path) -> None:
+def test_planning_fills_seeds_and_names_the_field(tmp_path: Path) -> None:
     settings = gateway_settings(models={"tiny": write_tiny_own_model(tmp_path / "m")}, max_n=4)
-    catalog = Catalog(settings.models)
-    planned = plan(GenerateInput(prompt="a cat", seed=5, n=3), catalog, settings)
-    assert planned.seeds == [5, 6, 7] and planned.model.name == "tiny"
-    assert planned.specs[0].width is None  # left to the engine's defaults
-    assert 0 <= plan(GenerateInput(prompt="a cat"), catalog, settings).seeds[0] < 2**32
-    for request, field in [
-        (GenerateInput(prompt="x", width=31), "width"),
-        (GenerateInput(prompt="x", n=5), "n"),
-        (GenerateInput(prompt="x\x00"), "prompt"),
-        (GenerateInput(prompt="x", mask=b"\x89PNG"), "mask"),
-        (GenerateInput(prompt="x", init_image=b"\x89PNG\r\n\x1a\n" + bytes(16)), "init_image"),
+    config, limits = read_model_info("tiny", settings.models["tiny"]).config, settings.limits()
+    planned = plan(GenerationRequest(prompt="a cat", seed=5), 3, config, limits)
+    assert [r.seed for r in planned] == [5, 6, 7]
+    assert planned[0].width is None  # left to the engine's defaults
+    assert 0 <= (plan(GenerationRequest(prompt="a cat"), 1, config, limits)[0].seed or 0) < 2**32
+    for fields, n, field in [
+        ({"prompt": "x", "width": 31}, 1, "width"),
+        ({"prompt": "x"}, 5, "n"),
+        ({"prompt": "x\x00"}, 1, "prompt"),
+        ({"prompt": "x", "mask": b"\x89PNG"}, 1, "mask"),
+        ({"prompt": "x", "init_image": b"\x89PNG\r\n\x1a\n" + bytes(16)}, 1, "init_image"),
+        ({"prompt": "x", "seed": 2**63 - 2}, 3, "seed"),
     ]:
-        with pytest.raises(InvalidField) as error:
-            plan(request, catalog, settings)
+        with pytest.raises(RequestError) as error:
+            plan(GenerationRequest.parse(fields), n, config, limits)
         assert error.value.field == field
-    with pytest.raises(NotFound):
-        plan(GenerateInput(prompt="x", model="other"), catalog, settings)
 
 
 def test_the_grpc_stubs_are_generated_from_the_proto(tmp_path: Path) -> None:

@@ -13,16 +13,17 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+from service.ldm.request import GenerationRequest
 from service.paths import REPO_ROOT
 from service.queue import keys
 from service.queue.delivery import Lease, WorkerQueue
-from service.queue.jobs import JobStore, QueueFull, connect
-from service.queue.spec import JobSpec, JobStatus
+from service.queue.states import JobStatus
+from service.queue.store import BacklogFull, JobStore, connect
 
 from .redis_server import RedisServer
 
 MODEL = "tiny"
-SPEC = {"prompt": "a red circle", "width": 32, "height": 32, "steps": 4}
+SPEC = GenerationRequest(prompt="a red circle", width=32, height=32, steps=4, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,6 @@ def reclaim(queue: WorkerQueue, min_idle_ms: int = 0) -> Lease | None:
 
 
 def test_spec_validation() -> None:
-    JobSpec.model_validate(SPEC)
     for bad in (
         {"prompt": "x", "steps": 0},
         {"prompt": "x", "width": -8},
@@ -78,11 +78,11 @@ def test_spec_validation() -> None:
         {"prompt": "x", "n": 4},  # one job is one image
     ):
         with pytest.raises(ValidationError):
-            JobSpec.model_validate(bad)
+            GenerationRequest.model_validate(bad)
     # Images travel as base64 in the JSON stored in Redis: never pickle.
-    spec = JobSpec.model_validate({"prompt": "x", "init_image": b"\x89PNG\r\n\x1a\nrest"})
-    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
-    assert isinstance(json.loads(spec.model_dump_json())["init_image"], str)
+    spec = GenerationRequest.model_validate({"prompt": "x", "init_image": b"\x89PNG\r\n\x1a\nrest"})
+    assert GenerationRequest.from_json(spec.to_json()) == spec
+    assert isinstance(json.loads(spec.to_json())["init_image"], str)
 
 
 def test_enqueue_creates_the_job_and_is_idempotent(store: JobStore, client: redis.Redis) -> None:
@@ -91,9 +91,7 @@ def test_enqueue_creates_the_job_and_is_idempotent(store: JobStore, client: redi
     assert state is not None
     assert (state.status, state.owner, state.model, state.attempt) == (JobStatus.QUEUED, "alice", MODEL, 0)
     assert state.deadline == pytest.approx(state.created + 30)
-    stored = store.spec(job_id)
-    assert stored is not None and stored.seed is not None  # drawn once: every attempt draws the same image
-    assert stored.model_copy(update={"seed": None}) == JobSpec.model_validate(SPEC)
+    assert store.request(job_id) == SPEC
     assert store.backlog(MODEL) == 1
     assert [e["type"] for _, e in store.events(job_id)] == ["queued"]
     assert 0 < client.ttl(keys.job(job_id)) <= 30 + 60 + 1
@@ -101,12 +99,14 @@ def test_enqueue_creates_the_job_and_is_idempotent(store: JobStore, client: redi
     assert store.backlog(MODEL) == 1
     with pytest.raises(ValueError):
         store.enqueue("bad name!", SPEC)
+    with pytest.raises(ValueError, match="seed"):  # drawn once, before enqueue: every attempt draws the same
+        store.enqueue(MODEL, SPEC.model_copy(update={"seed": None}))
 
 
 def test_enqueue_refuses_past_the_backlog_bound(store: JobStore) -> None:
     for _ in range(5):
         store.enqueue(MODEL, SPEC)
-    with pytest.raises(QueueFull) as refused:
+    with pytest.raises(BacklogFull) as refused:
         store.enqueue(MODEL, SPEC)
     assert refused.value.backlog == 5
     assert store.backlog(MODEL) == 5
@@ -124,11 +124,11 @@ def test_fencing_refuses_a_superseded_attempt(store: JobStore, client: redis.Red
     assert fast.start([second]) == ["running"]
     assert slow.refresh([first]) == {first}  # slow learns it lost the job, and does not take it back
     assert client.xpending_range(keys.jobs(MODEL), keys.GROUP, "-", "+", 10)[0]["consumer"] == b"fast"
-    assert slow.progress([(first, 1, 4)]) == {job_id: "stale"}
-    assert slow.finish(first, JobStatus.SUCCEEDED, png=b"late") == "stale"
+    assert slow.progress_and_read([(first, 1, 4)], [], 0)[0] == {job_id: "stale"}
+    assert slow.complete(first, JobStatus.SUCCEEDED, png=b"late") == "stale"
     assert store.result(job_id) is None
-    assert fast.finish(second, JobStatus.SUCCEEDED, png=b"png") == "ok"
-    assert fast.finish(second, JobStatus.SUCCEEDED, png=b"again") == "succeeded"  # stored once
+    assert fast.complete(second, JobStatus.SUCCEEDED, png=b"png") == "ok"
+    assert fast.complete(second, JobStatus.SUCCEEDED, png=b"again") == "succeeded"  # stored once
     state = store.get(job_id)
     assert state is not None and (state.status, state.results) == (JobStatus.SUCCEEDED, 1)
     assert store.result(job_id) == b"png"
@@ -169,7 +169,7 @@ def test_hand_back_makes_a_job_reclaimable_at_once_without_counting_a_delivery(
     taken = reclaim(other, min_idle_ms=60_000)  # far longer than the handed-back entry has been idle
     assert taken is not None and taken.job_id == job_id
     assert (taken.attempt, taken.deliveries) == (2, 1)  # not a suspect: the first worker did not die
-    assert draining.finish(lease, JobStatus.SUCCEEDED, png=b"x") == "stale"
+    assert draining.complete(lease, JobStatus.SUCCEEDED, png=b"x") == "stale"
 
 
 def test_cancel_a_queued_job(store: JobStore, client: redis.Redis) -> None:
@@ -187,10 +187,10 @@ def test_cancel_a_running_job_releases_it_at_the_next_progress(store: JobStore, 
     queue = worker_queue(client, "w")
     lease = claim_new(queue)
     queue.start([lease])
-    assert queue.progress([(lease, 1, 4)]) == {job_id: "running"}
+    assert queue.progress_and_read([(lease, 1, 4)], [], 0)[0] == {job_id: "running"}
     assert store.cancel(job_id) == JobStatus.CANCELLED
-    assert queue.progress([(lease, 2, 4)]) == {job_id: "cancelled"}
-    assert queue.finish(lease, JobStatus.SUCCEEDED, png=b"x") == "cancelled"
+    assert queue.progress_and_read([(lease, 2, 4)], [], 0)[0] == {job_id: "cancelled"}
+    assert queue.complete(lease, JobStatus.SUCCEEDED, png=b"x") == "cancelled"
     assert store.result(job_id) is None
     assert client.xpending(keys.jobs(MODEL), keys.GROUP)["pending"] == 0
     types = [e["type"] for _, e in store.events(job_id)]
@@ -228,7 +228,7 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_the_protocol_does_not_import_torch() -> None:
     """The gateway uses these modules and must start in well under a second."""
-    modules = "service.queue.jobs, service.queue.delivery, service.settings"
+    modules = "service.queue.store, service.queue.delivery, service.settings"
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60

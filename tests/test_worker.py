@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from service.queue import keys
-from service.queue.jobs import JobStore, connect
-from service.queue.spec import JobSpec, JobState, JobStatus
+from service.queue.states import JobState, JobStatus
+from service.queue.store import JobStore, connect
 
 from .redis_server import RedisServer, free_port
-from .workers import SPEC, WorkerProcess, wait_for, write_tiny_model
+from .workers import SPEC, WorkerProcess, job, wait_for, write_tiny_model
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
@@ -69,7 +69,9 @@ def wait_step(store: JobStore, job_id: str, step: int, timeout_s: float = 30) ->
 
 
 def test_jobs_succeed_with_progress_and_one_png_each(store: JobStore) -> None:
-    job_ids = [store.enqueue(MODEL, {**SPEC, "seed": i, "prompt": f"a red circle {i}"}) for i in range(4)]
+    job_ids = [
+        store.enqueue(MODEL, job({**SPEC, "seed": i, "prompt": f"a red circle {i}"})) for i in range(4)
+    ]
     for state in wait_done(store, job_ids):
         assert state.status == JobStatus.SUCCEEDED, state.error
         assert state.results == 1 and state.step == state.steps == 6
@@ -85,9 +87,9 @@ def test_jobs_succeed_with_progress_and_one_png_each(store: JobStore) -> None:
 
 
 def test_a_new_job_joins_the_running_batch(store: JobStore) -> None:
-    long = store.enqueue(MODEL, {**SPEC, "steps": 60})
+    long = store.enqueue(MODEL, job({**SPEC, "steps": 60}))
     wait_step(store, long, 3)
-    short = store.enqueue(MODEL, {**SPEC, "steps": 4})
+    short = store.enqueue(MODEL, job({**SPEC, "steps": 4}))
     long_state, short_state = wait_done(store, [long, short])
     assert long_state.status == short_state.status == JobStatus.SUCCEEDED
     assert short_state.started is not None and long_state.finished is not None
@@ -97,10 +99,11 @@ def test_a_new_job_joins_the_running_batch(store: JobStore) -> None:
 
 
 def test_an_invalid_job_fails_alone(store: JobStore, server: RedisServer) -> None:
-    good = [store.enqueue(MODEL, {**SPEC, "seed": i}) for i in range(2)]
-    bad_sampler = store.enqueue(MODEL, {**SPEC, "sampler": "nope"})
-    bad_size = store.enqueue(MODEL, {**SPEC, "width": 33})
-    broken_png = store.enqueue(MODEL, {**SPEC, "init_image": b"\x89PNG\r\n\x1a\nnot really"})
+    good = [store.enqueue(MODEL, job({**SPEC, "seed": i})) for i in range(2)]
+    bad_sampler = store.enqueue(MODEL, job({**SPEC, "sampler": "nope"}))
+    bad_size = store.enqueue(MODEL, job({**SPEC, "width": 33}))
+    header = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes([0, 0, 0, 32, 0, 0, 0, 32])  # 32x32, then junk
+    broken_png = store.enqueue(MODEL, job({**SPEC, "init_image": header + b"not really"}))
     # A spec that bypassed validation (someone wrote to Redis directly): the worker checks it too.
     raw = "f" * 32
     client = server.client()
@@ -115,7 +118,7 @@ def test_an_invalid_job_fails_alone(store: JobStore, server: RedisServer) -> Non
         assert states[job_id].status == JobStatus.SUCCEEDED
     assert states[bad_sampler].status == JobStatus.FAILED
     assert states[bad_sampler].error.startswith("sampler: unknown sampler 'nope'")
-    assert states[bad_size].error == "width: must be a positive multiple of 2, got 33"
+    assert states[bad_size].error == "width: must be a multiple of 2 for this model, got 33"
     assert states[broken_png].error.startswith("init_image: not a readable PNG")
     assert states[raw].error.startswith("steps: Input should be greater than or equal to 1")
     last = store.events(bad_sampler)[-1][1]
@@ -123,8 +126,8 @@ def test_an_invalid_job_fails_alone(store: JobStore, server: RedisServer) -> Non
 
 
 def test_cancel_leaves_the_batch_at_a_step_boundary(store: JobStore) -> None:
-    doomed = store.enqueue(MODEL, {**SPEC, "steps": 400})
-    mate = store.enqueue(MODEL, {**SPEC, "steps": 40})
+    doomed = store.enqueue(MODEL, job({**SPEC, "steps": 400}))
+    mate = store.enqueue(MODEL, job({**SPEC, "steps": 40}))
     wait_step(store, doomed, 3)
     assert store.cancel(doomed) == JobStatus.CANCELLED
     doomed_state, mate_state = wait_done(store, [doomed, mate])
@@ -140,9 +143,9 @@ def test_cancel_leaves_the_batch_at_a_step_boundary(store: JobStore) -> None:
 
 def test_a_job_past_its_deadline_is_expired_not_run(store: JobStore) -> None:
     # A 64x64 job holds the batch; a 32x32 job cannot join it and expires while it waits.
-    blocker = store.enqueue(MODEL, {**SPEC, "width": 64, "height": 64, "steps": 500})
+    blocker = store.enqueue(MODEL, job({**SPEC, "width": 64, "height": 64, "steps": 500}))
     wait_step(store, blocker, 2)
-    late = store.enqueue(MODEL, SPEC, timeout_s=0.2)
+    late = store.enqueue(MODEL, job(SPEC), timeout_s=0.2)
     [late_state] = wait_done(store, [late])
     store.cancel(blocker)
     assert late_state.status == JobStatus.EXPIRED and late_state.started is None
@@ -153,7 +156,7 @@ def test_a_job_past_its_deadline_is_expired_not_run(store: JobStore) -> None:
 
 
 def test_metrics_are_served(store: JobStore, worker: WorkerProcess) -> None:
-    job_id = store.enqueue(MODEL, JobSpec.model_validate(SPEC))
+    job_id = store.enqueue(MODEL, job(SPEC))
     wait_done(store, [job_id])
     with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from service.queue import keys
-from service.queue.jobs import JobStore, connect
-from service.queue.spec import JobState, JobStatus
+from service.queue.states import JobState, JobStatus
+from service.queue.store import JobStore, connect
 
 from .redis_server import RedisServer, free_port
-from .workers import SPEC, WorkerProcess, wait_for, write_tiny_model
+from .workers import SPEC, WorkerProcess, job, wait_for, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_sigkill_mid_batch_loses_nothing(server: RedisServer, model: Path, fleet
     survivor = fleet.add("kill-b", server, {"k": model}).start()
     for w in (victim, survivor):
         w.wait_ready(server.client())
-    job_ids = [store.enqueue("k", {**SPEC, "steps": 8, "seed": i}) for i in range(50)]
+    job_ids = [store.enqueue("k", job({**SPEC, "steps": 8, "seed": i})) for i in range(50)]
 
     def victim_mid_batch() -> bool:
         return any(
@@ -116,8 +116,8 @@ def test_a_poison_job_is_dead_lettered_and_the_rest_completes(
     server: RedisServer, model: Path, fleet: Fleet
 ) -> None:
     store = JobStore(connect(server.url))
-    poison = store.enqueue("p", {**SPEC, "prompt": "__crash_worker__"})
-    others = [store.enqueue("p", {**SPEC, "seed": i}) for i in range(6)]
+    poison = store.enqueue("p", job({**SPEC, "prompt": "__crash_worker__"}))
+    others = [store.enqueue("p", job({**SPEC, "seed": i})) for i in range(6)]
     workers = [fleet.add(f"poison-{i}", server, {"p": model}).start() for i in range(2)]
     crashes = []
 
@@ -142,7 +142,7 @@ def test_a_redis_restart_loses_no_accepted_job(tmp_path: Path, model: Path, flee
     try:
         store = JobStore(connect(server.url))
         worker = fleet.add("restart-w", server, {"r": model}).start().wait_ready(server.client())
-        job_ids = [store.enqueue("r", {**SPEC, "steps": 20, "seed": i}) for i in range(12)]
+        job_ids = [store.enqueue("r", job({**SPEC, "steps": 20, "seed": i})) for i in range(12)]
         wait_for(lambda: any(s.step >= 2 for s in states(store, job_ids)), 60, "jobs to run")
         server.restart(down_s=1.0)  # SIGKILL: only the AOF brings the queue back
         finals = wait_done(store, job_ids, timeout_s=90)
@@ -157,9 +157,9 @@ def test_sigterm_drains_and_hands_back(server: RedisServer, model: Path, fleet: 
     store = JobStore(connect(server.url))
     draining = fleet.add("drain-a", server, {"d": model}, env={"LDM_DRAIN_GRACE_S": "1.5"})
     draining.start().wait_ready(server.client())
-    short = [store.enqueue("d", {**SPEC, "steps": 6, "seed": i}) for i in range(2)]
-    long = [store.enqueue("d", {**SPEC, "steps": 250, "seed": i}) for i in range(2)]
-    queued = [store.enqueue("d", {**SPEC, "seed": i}) for i in range(2)]  # over max_batch: not claimed
+    short = [store.enqueue("d", job({**SPEC, "steps": 6, "seed": i})) for i in range(2)]
+    long = [store.enqueue("d", job({**SPEC, "steps": 250, "seed": i})) for i in range(2)]
+    queued = [store.enqueue("d", job({**SPEC, "seed": i})) for i in range(2)]  # over max_batch: not claimed
 
     def mid_batch() -> bool:
         return all(s.step >= 3 or s.status.terminal for s in states(store, short + long))
@@ -197,7 +197,7 @@ def test_a_stuck_loop_fails_healthz_and_lets_its_jobs_go(
     worker.start().wait_ready(client)
     healthz = f"http://127.0.0.1:{worker.metrics_port}/healthz"
     assert http_status(healthz) == 200
-    job_id = store.enqueue("s", {**SPEC, "prompt": "__stall_worker__"})
+    job_id = store.enqueue("s", job({**SPEC, "prompt": "__stall_worker__"}))
     wait_for(lambda: http_status(healthz) == 503, 10, "/healthz to report the stuck loop")
     wait_for(lambda: not client.exists(keys.worker("stuck")), 5, "the heartbeat to expire")
     [pending] = client.xpending_range(keys.jobs("s"), keys.GROUP, "-", "+", 10)

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import redis
 
+from service.ldm.request import GenerationRequest
 from service.paths import REPO_ROOT
 from service.queue import keys
 
@@ -22,6 +23,12 @@ T = TypeVar("T")
 
 # Small jobs for the tiny model: 32x32 is its native size (latent 16x16); guidance 1 is one UNet row.
 SPEC = {"prompt": "a red circle", "width": 32, "height": 32, "steps": 6, "guidance_scale": 1.0}
+
+
+def job(values: dict[str, object]) -> GenerationRequest:
+    """A request as the gateway enqueues it (seed 0 unless given), built without validation so that a
+    test can also enqueue what a worker must refuse (an unknown sampler, a broken PNG)."""
+    return GenerationRequest.model_construct(**{"seed": 0, **values})  # type: ignore[arg-type]
 
 
 def write_tiny_model(folder: Path) -> Path:
