@@ -9,8 +9,8 @@ they cost one attribute test.
 
 Rows per adapter are gathered with `index_select`, run through A then B, scaled per row (the
 request's weight; the file's alpha / rank is folded into B at load) and scattered back with
-`index_add_`. On the CPU this measured faster than one batched matmul over per-row gathered A and
-B (bench/README.md), and it serves convolutions (LoCon) unchanged.
+`index_add_`. On the CPU this cost the same CPU time as one batched matmul over per-row gathered A
+and B (Punica's BGMV; bench/lora.py times both), and it serves convolutions (LoCon) unchanged.
 """
 
 from __future__ import annotations
@@ -74,13 +74,18 @@ def all_rows(
 
 
 class LoraRuntime:
-    """The adapters in effect in one module tree (the UNet or the text model) during a call."""
+    """The adapters in effect in one module tree (the UNet or the text model) during a call.
+
+    Set for the length of one forward call (`active`), so one thread at a time runs the tree, as
+    a worker's engine loop does; loading adapters on other threads is fine.
+    """
 
     def __init__(self, root: nn.Module, part: Part) -> None:
         self.root = root
         self.part = part
         self.groups: tuple[RowGroup, ...] = ()
-        self._wrapped: set[str] = set()
+        self._wrapped: set[str] = set()  # layer paths swapped
+        self._installed: set[str] = set()  # adapter uids whose layers are all swapped
 
     @classmethod
     def of(cls, root: nn.Module, part: Part) -> LoraRuntime:
@@ -95,12 +100,15 @@ class LoraRuntime:
 
     def install(self, adapter: LoraAdapter) -> None:
         """Swaps the layers the adapter touches for LoRA-aware ones (once per layer)."""
+        if adapter.uid in self._installed:
+            return
         for path in adapter.layers(self.part).keys() - self._wrapped:
             parent_path, _, child = path.rpartition(".")
             parent = self.root.get_submodule(parent_path)
             layer = getattr(parent, child)
             setattr(parent, child, _wrap(layer, self, path))
             self._wrapped.add(path)
+        self._installed.add(adapter.uid)
 
     @contextmanager
     def active(self, groups: tuple[RowGroup, ...]) -> Iterator[None]:
