@@ -12,12 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .samplers import Sampler
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
 
 Tensor = torch.Tensor
 
@@ -51,6 +55,8 @@ class Member:
     generator: torch.Generator
     concat: Tensor | None = None  # (1, 1 + C, h, w) inpainting-model input: mask, masked-image latent
     blend: LatentBlend | None = None
+    # LoRA adapters with their weights; they apply to both rows of the member's CFG pair.
+    loras: tuple[tuple[LoraAdapter, float], ...] = ()
     steps_done: int = 0
     step_seconds: float = 0.0
     joined: float = field(default_factory=time.perf_counter)
@@ -116,6 +122,7 @@ class DenoisingBatch:
     @torch.inference_mode()
     def _advance(self, active: list[Member]) -> None:
         xs, sigmas, contexts, concats = [], [], [], []
+        row_loras: list[tuple[tuple[LoraAdapter, float], ...]] = []
         for m in active:
             assert m.sampler is not None
             branches = [m.cond] if m.uncond is None else [m.cond, m.uncond]
@@ -123,18 +130,21 @@ class DenoisingBatch:
                 xs.append(m.x)
                 sigmas.append(m.sampler.sigma)
                 contexts.append(context)
+                row_loras.append(m.loras)
                 if m.concat is not None:
                     concats.append(m.concat)
         x = torch.cat(xs)  # (rows, C, h, w)
         sigma = torch.tensor(sigmas, dtype=torch.float32)  # (rows,), on the CPU: the denoiser moves it
         context, context_mask = _pad_contexts(contexts)
-        extra: dict[str, Tensor] = {}
+        extra: dict[str, Any] = {}
         if concats:
             if len(concats) != len(xs):
                 raise ValueError("an inpainting model needs mask channels for every member")
             extra["concat"] = torch.cat(concats)
         if context_mask is not None:
             extra["context_mask"] = context_mask
+        if any(row_loras):  # only then: a plain UNet callable takes no `loras`
+            extra["loras"] = row_loras
         denoised = self.denoiser(x, sigma, context=context, **extra)  # (rows, C, h, w)
 
         row = 0

@@ -23,6 +23,9 @@ from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
 from .denoiser import Denoiser
 from .images import decode_image, mask_to_tensor, to_images, to_tensor
+from .lora import LoraAdapter, load_lora
+from .lora_keys import LoraNames
+from .lora_rows import LoraRuntime, RowLoras, group_rows
 from .request import GenerationRequest, ResolvedRequest
 from .samplers import img2img_start_step, make_sampler
 from .schedule import DiscreteSchedule
@@ -65,6 +68,8 @@ class Engine:
         self.text = TextConditioner(text_model, model.tokenizer, text_cache)
         self.schedule = DiscreteSchedule()
         self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
+        self.lora_names = LoraNames(self.config.unet, self.unet, text_model)
+        self.unet_loras = LoraRuntime.of(self.unet, "unet")
 
     @classmethod
     def load(
@@ -84,11 +89,19 @@ class Engine:
         context: Tensor,
         context_mask: Tensor | None = None,
         concat: Tensor | None = None,
+        loras: RowLoras | None = None,
     ) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat], dim=1)  # (B, 4 + 1 + 4, h, w) for inpainting UNets
-        out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype), context_mask)
+        groups = group_rows(loras, self.device, self.dtype) if loras else ()
+        with self.unet_loras.active(groups):
+            out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype), context_mask)
         return out.float()
+
+    def load_lora(self, path: Path, name: str | None = None) -> LoraAdapter:
+        """Reads a LoRA file for this model, on its device and in its dtype (for a `LoraCache`)."""
+        adapter = load_lora(path, self.lora_names, self.config.family, name)
+        return adapter.to(self.device, self.dtype)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -97,8 +110,18 @@ class Engine:
         bounds); RequestError names the field."""
         return rules.resolve(request, self.config)
 
-    def prepare(self, request: ResolvedRequest, key: Hashable) -> tuple[Member, int]:
-        """Encodes the prompts and draws the starting latent; returns the member and its token count."""
+    def prepare(
+        self,
+        request: ResolvedRequest,
+        key: Hashable,
+        *,
+        loras: Sequence[tuple[LoraAdapter, float]] = (),
+    ) -> tuple[Member, int]:
+        """Encodes the prompts and draws the starting latent; returns the member and its token count.
+
+        `loras`: adapters (from `load_lora`) with their weights, applied to this member's prompt
+        encoding and to its rows of every UNet call.
+        """
         cfg = self.config
         f = cfg.downsample_factor
         shape = (1, cfg.latent_channels, request.height // f, request.width // f)
@@ -106,10 +129,10 @@ class Engine:
         # The convention of diffusers and of A1111's CPU RNG: noise does not depend on batch-mates.
         noise = torch.randn(shape, generator=generator).to(self.device)  # (1, C, h, w)
         if request.guidance_scale == 1.0:
-            cond_emb = self.text.encode(request.prompt)
+            cond_emb = self.text.encode(request.prompt, loras=loras)
             uncond = None
         else:
-            cond_emb, uncond_emb = self.text.encode_pair(request.prompt, request.negative_prompt)
+            cond_emb, uncond_emb = self.text.encode_pair(request.prompt, request.negative_prompt, loras)
             uncond = uncond_emb.tensor
         member = Member(
             key=key,
@@ -119,6 +142,7 @@ class Engine:
             uncond=uncond,
             guidance=request.guidance_scale,
             generator=generator,
+            loras=tuple((adapter, float(weight)) for adapter, weight in loras),
         )
         self._start_latent(member, request, noise)
         return member, cond_emb.tokens

@@ -10,13 +10,21 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import TextEncoderConfig
+from .lora_rows import LoraRuntime, all_rows
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
+
+Loras = Sequence[tuple["LoraAdapter", float]]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +102,7 @@ class TextConditioner:
         self.tokenizer = tokenizer
         self.window = int(model.config.max_position_embeddings)  # 77
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, int], Embedding] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, Hashable], Embedding] = OrderedDict()
 
     def token_ids(self, prompt: str) -> list[int]:
         ids: list[int] = self.tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
@@ -103,9 +111,11 @@ class TextConditioner:
     def chunks_needed(self, prompt: str) -> int:
         return max(1, -(-len(self.token_ids(prompt)) // (self.window - 2)))
 
-    def encode(self, prompt: str, min_chunks: int = 1) -> Embedding:
-        """Embeds `prompt`, padded with empty chunks to at least `min_chunks` windows."""
-        key = (prompt, min_chunks)
+    def encode(self, prompt: str, min_chunks: int = 1, loras: Loras = ()) -> Embedding:
+        """Embeds `prompt`, padded with empty chunks to at least `min_chunks` windows, through the
+        text encoder with the text-encoder layers of `loras` (adapter, weight) applied."""
+        active = [(a, w) for a, w in loras if a.text and w != 0.0]  # only these change the embedding
+        key = (prompt, min_chunks, tuple((a.uid, float(w)) for a, w in active))
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -118,7 +128,8 @@ class TextConditioner:
         pad = self.tokenizer.pad_token_id
         rows = [[bos, *p, eos] + [pad] * (body - len(p)) for p in pieces]
         device = self.model.device
-        with torch.inference_mode():
+        runtime = LoraRuntime.of(self.model, "text")
+        with torch.inference_mode(), runtime.active(all_rows(active, device, self.model.dtype)):
             input_ids = torch.tensor(rows, device=device)  # (chunks, 77)
             hidden = self.model(input_ids=input_ids).last_hidden_state  # (chunks, 77, D)
         embedding = Embedding(hidden.reshape(1, -1, hidden.shape[-1]).clone(), len(ids))  # (1, 77*chunks, D)
@@ -127,7 +138,10 @@ class TextConditioner:
             self._cache.popitem(last=False)
         return embedding
 
-    def encode_pair(self, prompt: str, negative_prompt: str) -> tuple[Embedding, Embedding]:
-        """Prompt and negative prompt with the same number of windows, as CFG batches them together."""
+    def encode_pair(
+        self, prompt: str, negative_prompt: str, loras: Loras = ()
+    ) -> tuple[Embedding, Embedding]:
+        """Prompt and negative prompt with the same number of windows, as CFG batches them together
+        (a member's adapters apply to both, as they apply to both of its UNet rows)."""
         chunks = max(self.chunks_needed(prompt), self.chunks_needed(negative_prompt))
-        return self.encode(prompt, chunks), self.encode(negative_prompt, chunks)
+        return self.encode(prompt, chunks, loras), self.encode(negative_prompt, chunks, loras)
