@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from service.ldm.engine import Engine
-from service.ldm.lora import LoraAdapter, LoraError, LoraLayer
+from service.ldm.lora import LoraAdapter, LoraError, LoraLayer, adaptable
 from service.ldm.lora_cache import LoraCache
 from service.ldm.lora_info import LoraFileError, lora_info
-from service.ldm.lora_keys import adaptable, diffusers_unet_path, unet_blocks
+from service.ldm.lora_keys import diffusers_unet_path, unet_blocks
 from service.ldm.request import GenerationRequest as _Request
 
 from .reference import diffusers_unet, reference_pipeline

@@ -23,8 +23,8 @@ from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
 from .denoiser import Denoiser
 from .images import decode_image, mask_to_tensor, to_images, to_tensor
-from .lora import LoraAdapter, load_lora
-from .lora_keys import LoraNames
+from .lora import LoraAdapter, adaptable, load_lora
+from .lora_keys import LoraNames, Part
 from .lora_rows import LoraRuntime, RowLoras, group_rows
 from .request import GenerationRequest, ResolvedRequest
 from .samplers import img2img_start_step, make_sampler
@@ -68,7 +68,11 @@ class Engine:
         self.text = TextConditioner(text_model, model.tokenizer, text_cache)
         self.schedule = DiscreteSchedule()
         self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
-        self.lora_names = LoraNames(self.config.unet, self.unet, text_model)
+        self.lora_layers: dict[tuple[Part, str], torch.nn.Module] = {
+            **{("unet", path): layer for path, layer in adaptable(self.unet)},
+            **{("text", path): layer for path, layer in adaptable(text_model)},
+        }
+        self.lora_names = LoraNames(self.config.unet, *_paths(self.lora_layers))
         self.unet_loras = LoraRuntime.of(self.unet, "unet")
 
     @classmethod
@@ -100,7 +104,7 @@ class Engine:
 
     def load_lora(self, path: Path, name: str | None = None) -> LoraAdapter:
         """Reads a LoRA file for this model, on its device and in its dtype (for a `LoraCache`)."""
-        adapter = load_lora(path, self.lora_names, self.config.family, name)
+        adapter = load_lora(path, self.lora_names, self.lora_layers, self.config.family, name)
         return adapter.to(self.device, self.dtype)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -246,3 +250,8 @@ def _index(key: Hashable) -> int:
 
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
+
+
+def _paths(layers: dict[tuple[Part, str], torch.nn.Module]) -> tuple[list[str], list[str]]:
+    """(UNet paths, text-encoder paths) of the adaptable layers."""
+    return [p for part, p in layers if part == "unet"], [p for part, p in layers if part == "text"]

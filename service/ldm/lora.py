@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,17 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, read_safetensors
-from .lora_info import PEFT_PREFIX, LoraFamily, is_down, lora_family, module_of
+from .lora_info import PEFT_PREFIX, LoraError, LoraFamily, check_lora, module_of
 from .lora_keys import LoraNames, Part, Target
+
+__all__ = ["LoraAdapter", "LoraError", "LoraLayer", "adaptable", "load_lora"]
 
 log = logging.getLogger(__name__)
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON of the LoraConfig, per component
 _uids = itertools.count()
-
-
-class LoraError(ValueError):
-    """An adapter that cannot be used with this model; the message names the adapter and why."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,20 @@ class LoraAdapter:
 # -- reading ------------------------------------------------------------------------------------------
 
 
-def load_lora(path: Path, names: LoraNames, model_family: str, name: str | None = None) -> LoraAdapter:
+def adaptable(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The layers a LoRA can adapt: every Linear and Conv2d."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            yield name, layer
+
+
+def load_lora(
+    path: Path,
+    names: LoraNames,
+    layers: Mapping[tuple[Part, str], nn.Module],
+    model_family: str,
+    name: str | None = None,
+) -> LoraAdapter:
     """Reads a kohya or diffusers/PEFT LoRA file and maps every layer onto a model's modules.
 
     Strict like the checkpoint loader: a key that is no LoRA weight, a module that maps to no
@@ -91,22 +102,14 @@ def load_lora(path: Path, names: LoraNames, model_family: str, name: str | None 
         tensors, metadata = read_safetensors(path)
     except CheckpointError as e:
         raise LoraError(f"LoRA {label!r}: {e}") from None
-    family = lora_family({k: tuple(v.shape) for k, v in tensors.items()})
-    _check_family(label, family, model_family, tensors)
-    modules = _group_keys(label, tensors)
-    unmapped = [keys[0] for module, keys in modules.items() if names.find(module) is None]
-    if unmapped:
-        raise LoraError(
-            f"LoRA {label!r}: {len(unmapped)} of its layers match no layer of this model, "
-            f"first: {', '.join(unmapped[:5])}"
-        )
+    family, modules = check_lora(label, {k: tuple(v.shape) for k, v in tensors.items()}, names, model_family)
     peft = _peft_config(metadata)
     adapter = LoraAdapter(label, family, {}, {}, 0)
     ranks: set[int] = set()
     for module, keys in modules.items():
         target = names.find(module)
         assert target is not None
-        layer = _build_layer(label, module, keys, tensors, target, peft)
+        layer = _build_layer(label, module, keys, tensors, target, layers[target.part, target.path], peft)
         adapter.layers(target.part)[target.path] = layer
         ranks.add(layer.down.shape[0])
     adapter.rank = max(ranks)
@@ -118,38 +121,6 @@ def load_lora(path: Path, names: LoraNames, model_family: str, name: str | None 
         "/".join(map(str, sorted(ranks))),
     )
     return adapter
-
-
-def _check_family(label: str, family: LoraFamily, model_family: str, tensors: Mapping[str, Tensor]) -> None:
-    if family == "sdxl" and model_family != "sdxl":
-        sdxl_keys = [k for k in tensors if k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))]
-        raise LoraError(
-            f"LoRA {label!r} is an SDXL adapter ({sdxl_keys[0] if sdxl_keys else 'SDXL shapes'}); "
-            f"this model is {model_family}"
-        )
-    if family in ("sd1", "sd2") and model_family in ("sd1", "sd2") and family != model_family:
-        raise LoraError(f"LoRA {label!r} was trained for {family}; this model is {model_family}")
-
-
-def _group_keys(label: str, tensors: Mapping[str, Tensor]) -> dict[str, list[str]]:
-    """Module name as spelled in the file -> its keys (down first)."""
-    modules: dict[str, list[str]] = {}
-    foreign = []
-    for key in tensors:
-        parsed = module_of(key)
-        if parsed is None:
-            foreign.append(key)
-            continue
-        keys = modules.setdefault(parsed[0], [])
-        keys.insert(0, key) if is_down(parsed[1]) else keys.append(key)
-    if foreign:
-        raise LoraError(
-            f"LoRA {label!r}: keys that are not LoRA weights (LoHa, LoKr and DoRA are not supported): "
-            f"{', '.join(foreign[:5])}"
-        )
-    if not modules:
-        raise LoraError(f"LoRA {label!r} holds no LoRA weights")
-    return modules
 
 
 def _peft_config(metadata: Mapping[str, str]) -> dict[str, Any]:
@@ -187,6 +158,7 @@ def _build_layer(
     keys: list[str],
     tensors: Mapping[str, Tensor],
     target: Target,
+    base: nn.Module,
     peft: Mapping[str, Any],
 ) -> LoraLayer:
     by_suffix = {module_of(k)[1]: k for k in keys}  # type: ignore[index]
@@ -195,7 +167,6 @@ def _build_layer(
     if down_key is None or up_key is None:
         raise LoraError(f"LoRA {label!r}: {keys[0]} comes without its down/up (A/B) partner")
     down, up = tensors[down_key].float(), tensors[up_key].float()
-    base = target.layer
     if isinstance(base, nn.Conv2d):
         kh, kw = base.kernel_size
         if down.ndim == 2 and (kh, kw) == (1, 1):

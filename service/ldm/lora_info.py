@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 LoraFamily = Literal["sd1", "sd2", "sdxl", "unknown"]
 
@@ -39,6 +40,14 @@ MAX_HEADER_BYTES = 64 << 20
 
 class LoraFileError(ValueError):
     """A LoRA file that cannot be read or is not a LoRA; the message names the file."""
+
+
+class LoraError(ValueError):
+    """An adapter that cannot be used with this model; the message names the adapter and why."""
+
+
+class ModuleNames(Protocol):
+    def find(self, module: str) -> object | None: ...
 
 
 @dataclass(frozen=True)
@@ -150,3 +159,49 @@ def lora_info(path: Path, name: str | None = None) -> LoraInfo:
     family = lora_family({k: v.shape for k, v in tensors.items()})
     rank = ranks.most_common(1)[0][0] if ranks else 0
     return LoraInfo(name or path.stem, family, rank, path.stat().st_size, len(modules))
+
+
+def check_lora(
+    label: str, shapes: dict[str, tuple[int, ...]], names: ModuleNames, model_family: str
+) -> tuple[LoraFamily, dict[str, list[str]]]:
+    """Whether an adapter fits a model, from its keys and shapes (the gateway checks the header, the
+    engine the loaded file, the same way): its family, and its modules as the file spells them ->
+    their keys (down first). LoraError names the adapter and the first keys that do not fit."""
+    family = lora_family(shapes)
+    if family == "sdxl" and model_family != "sdxl":
+        sdxl_keys = [k for k in shapes if k.removeprefix(PEFT_PREFIX).startswith(SDXL_PREFIXES)]
+        raise LoraError(
+            f"LoRA {label!r} is an SDXL adapter ({sdxl_keys[0] if sdxl_keys else 'SDXL shapes'}); "
+            f"this model is {model_family}"
+        )
+    if family in ("sd1", "sd2") and model_family in ("sd1", "sd2") and family != model_family:
+        raise LoraError(f"LoRA {label!r} was trained for {family}; this model is {model_family}")
+    modules = group_keys(label, shapes)
+    unmapped = [keys[0] for module, keys in modules.items() if names.find(module) is None]
+    if unmapped:
+        raise LoraError(
+            f"LoRA {label!r}: {len(unmapped)} of its layers match no layer of this model, "
+            f"first: {', '.join(unmapped[:5])}"
+        )
+    return family, modules
+
+
+def group_keys(label: str, keys: Iterable[str]) -> dict[str, list[str]]:
+    """Module name as spelled in the file -> its keys (down first)."""
+    modules: dict[str, list[str]] = {}
+    foreign = []
+    for key in keys:
+        parsed = module_of(key)
+        if parsed is None:
+            foreign.append(key)
+            continue
+        group = modules.setdefault(parsed[0], [])
+        group.insert(0, key) if is_down(parsed[1]) else group.append(key)
+    if foreign:
+        raise LoraError(
+            f"LoRA {label!r}: keys that are not LoRA weights (LoHa, LoKr and DoRA are not supported): "
+            f"{', '.join(foreign[:5])}"
+        )
+    if not modules:
+        raise LoraError(f"LoRA {label!r} holds no LoRA weights")
+    return modules

@@ -13,13 +13,12 @@ the model's own modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
-
-from .config import UNetConfig
+from .config import ModelConfig, UNetConfig
+from .layout import UNET_PREFIX
 
 Part = Literal["unet", "text"]
 
@@ -98,18 +97,10 @@ def diffusers_unet_path(path: str, blocks: dict[str, tuple[str, str]]) -> str | 
     return None if inner is None else f"{target}.{inner}"
 
 
-def adaptable(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The layers a LoRA can adapt: every Linear and Conv2d."""
-    for name, layer in module.named_modules():
-        if isinstance(layer, nn.Linear | nn.Conv2d):
-            yield name, layer
-
-
 @dataclass(frozen=True)
 class Target:
     part: Part
     path: str  # our module path inside the UNet or the text model
-    layer: nn.Module  # Linear or Conv2d, for shape checks
 
 
 class LoraNames:
@@ -121,19 +112,19 @@ class LoraNames:
     older files and releases keep it).
     """
 
-    def __init__(self, unet_config: UNetConfig, unet: nn.Module, text_model: nn.Module) -> None:
+    def __init__(self, unet_config: UNetConfig, unet_paths: Iterable[str], text_paths: Iterable[str]) -> None:
         self.kohya: dict[str, Target] = {}
         self.peft: dict[str, Target] = {}
         blocks = unet_blocks(unet_config)
-        for path, layer in adaptable(unet):
-            target = Target("unet", path, layer)
+        for path in unet_paths:
+            target = Target("unet", path)
             self._add(self.kohya, "lora_unet_" + path.replace(".", "_"), target)
             diffusers = diffusers_unet_path(path, blocks)
             if diffusers is not None:
                 self._add(self.kohya, "lora_unet_" + diffusers.replace(".", "_"), target)
                 self._add(self.peft, "unet." + diffusers, target)
-        for path, layer in adaptable(text_model):
-            target = Target("text", path, layer)
+        for path in text_paths:
+            target = Target("text", path)
             bare = path.removeprefix("text_model.")
             for spelled in (bare, "text_model." + bare):
                 self._add(self.kohya, "lora_te_" + spelled.replace(".", "_"), target)
@@ -155,3 +146,21 @@ class LoraNames:
             # PEFT's own state dicts of a bare UNet or text model carry no component prefix.
             hit = self.peft.get("unet." + bare) or self.peft.get("text_encoder." + bare)
         return hit
+
+
+def names_from_header(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> LoraNames:
+    """The names of a checkpoint's adaptable layers, from its header alone (torch-free, for the
+    gateway): the UNet's Linear and Conv2d weights (2-D and 4-D) as the file spells them, and the
+    text encoder's attention and MLP projections in transformers' layout, from its config."""
+    unet = [
+        key.removeprefix(UNET_PREFIX).removesuffix(".weight")
+        for key, shape in shapes.items()
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight") and len(shape) in (2, 4)
+    ]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+    text = [
+        f"text_model.encoder.layers.{i}.{name}"
+        for i in range(config.text.num_layers)
+        for name in (*projections, "mlp.fc1", "mlp.fc2")
+    ]
+    return LoraNames(config.unet, unet, text)

@@ -47,11 +47,17 @@ MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
 MAX_N = 64
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
+MAX_LORAS = 16
+MAX_LORA_WEIGHT = 4.0
 DEFAULT_STRENGTH = 0.8
 DEFAULT_ETA = 0.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # How a served model is named: the `model` field of every API, and part of its Redis keys.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A LoRA adapter's name: its file in the LoRA directory is `<name>.safetensors` (no path separators).
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,127}$")
+# AUTOMATIC1111's prompt syntax for an adapter: `<lora:name>` or `<lora:name:weight>`.
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 
 class RequestError(ValueError):
@@ -107,6 +113,15 @@ PngImage = Annotated[
 ]
 
 
+class LoraRef(BaseModel):
+    """An adapter from the LoRA directory (GET /v1/loras), applied with this weight (0: not at all)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=LORA_NAME.pattern, examples=["pixel-art"])
+    weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+
+
 class TextFields(BaseModel):
     """What to draw, and how: the fields of every API's text-to-image request. None: the model's default."""
 
@@ -134,6 +149,9 @@ class TextFields(BaseModel):
     )
     eta: float | None = Field(
         default=None, ge=0.0, le=1.0, description=f"DDIM's eta ({DEFAULT_ETA:g}: deterministic)"
+    )
+    loras: list[LoraRef] | None = Field(
+        default=None, max_length=MAX_LORAS, description="LoRA adapters (at most LDM_MAX_LORAS)"
     )
 
 
@@ -195,6 +213,7 @@ class Limits:
     max_side: int = MAX_SIDE
     max_pixels: int = MAX_SIDE * MAX_SIDE
     max_n: int = MAX_N
+    max_loras: int = MAX_LORAS
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,7 @@ class ResolvedRequest:
     strength: float
     init_image: bytes | None
     mask: bytes | None
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight)
 
     def parameters(self) -> str:
         """The text stored in the PNG, in the web UIs' `parameters` style."""
@@ -230,6 +250,8 @@ def draw_seed() -> int:
 def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Limits()) -> ResolvedRequest:
     """Checks what the model and the limits constrain and fills in the defaults; RequestError otherwise."""
     _check_text(request, limits)
+    if request.loras and len(request.loras) > limits.max_loras:
+        raise RequestError("loras", f"must be at most {limits.max_loras} adapters, got {len(request.loras)}")
     native = (model.sample_size, model.sample_size)
     if request.init_image is not None:
         native = image_size(request.init_image, "init_image")
@@ -256,6 +278,7 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         strength=DEFAULT_STRENGTH if request.strength is None else request.strength,
         init_image=request.init_image,
         mask=request.mask,
+        loras=tuple((ref.name, ref.weight) for ref in request.loras or ()),
     )
 
 
@@ -300,3 +323,16 @@ def _check_size(width: int, height: int, multiple: int, limits: Limits) -> None:
             raise RequestError(field, f"must be a multiple of {multiple} for this model, got {value}")
     if width * height > limits.max_pixels:
         raise RequestError("width", f"width x height must be at most {limits.max_pixels} pixels")
+
+
+def extract_loras(prompt: str) -> tuple[str, list[LoraRef]]:
+    """AUTOMATIC1111's `<lora:name:weight>` tags (weight 1 when left out) taken out of a prompt: the
+    text the encoder sees, and the adapters. RequestError ("prompt") for a tag that is no adapter."""
+    refs = []
+    for match in LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), (match.group(2) or "").strip()
+        try:
+            refs.append(LoraRef(name=name, weight=float(weight) if weight else 1.0))
+        except (ValueError, ValidationError):
+            raise RequestError("prompt", f"bad LoRA tag {match.group(0)!r}") from None
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), refs
