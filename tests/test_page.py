@@ -57,7 +57,7 @@ def _chromium() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def browser() -> Iterator[webdriver.Chrome]:
     chromium, chromedriver = _chromium()
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never download anything
     options = webdriver.ChromeOptions()
@@ -144,6 +144,16 @@ def runs(driver: WebDriver) -> list[WebElement]:
 def figure_status(run: WebElement) -> tuple[str, str]:
     figure = run.find_element(By.CSS_SELECTOR, "figure.job")
     return str(figure.get_attribute("data-status")), str(figure.find_element(By.CSS_SELECTOR, ".status").text)
+
+
+def paint_stroke(driver: WebDriver, canvas: WebElement, start: float, end: float) -> None:
+    """A mouse drag along the canvas's middle, from `start` to `end` (fractions of its width from the
+    centre); scrolled into view first, since actions aim at the visible part of an element."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    width = canvas.rect["width"]
+    chain = ActionChains(driver).move_to_element_with_offset(canvas, int(start * width), 0).click_and_hold()
+    step = int((end - start) * width / 2)
+    chain.move_by_offset(step, 2).move_by_offset(step, -2).release().perform()
 
 
 def shown_png(driver: WebDriver, figure: WebElement) -> bytes:
@@ -274,11 +284,7 @@ def test_inpainting_with_a_painted_mask(browser: WebDriver, stack: Stack, tmp_pa
     height = int(css(browser, "#height").get_attribute("value"))
     assert width % model_info(stack)["size_multiple"] == 0 and abs(width / height - 64 / 48) < 0.2
 
-    # A stroke across the middle of the image, left to right (actions aim at the element's visible part).
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-    box = canvas.rect
-    chain = ActionChains(browser).move_to_element_with_offset(canvas, -box["width"] // 4, 0).click_and_hold()
-    chain.move_by_offset(box["width"] // 4, 2).move_by_offset(box["width"] // 4, -2).release().perform()
+    paint_stroke(browser, canvas, -0.25, 0.25)  # across the middle of the image, left to right
     fill(browser, prompt="a small green triangle at the top", seed=3)
     css(browser, "#generate-button").click()
     until(browser, lambda: runs(browser), what="the inpainting job's card")
@@ -314,3 +320,50 @@ def test_api_keys_a_wrong_key_shows_the_message(browser: WebDriver, stack: Stack
     browser.refresh()  # the key is kept
     until(browser, lambda: css(browser, "#generate-button").is_enabled(), what="the models after a reload")
     assert css(browser, "#model").get_attribute("value") == MODEL
+
+
+@pytest.mark.skipif(not os.environ.get("LDM_PAGE_SCREENSHOTS"), reason="set LDM_PAGE_SCREENSHOTS=docs")
+def test_screenshots_for_the_readme(browser: webdriver.Chrome, stack: Stack, tmp_path: Path) -> None:
+    """The README's screenshots: the page at desktop and phone width after generating images."""
+    folder = Path(os.environ["LDM_PAGE_SCREENSHOTS"])
+    folder.mkdir(parents=True, exist_ok=True)
+    # Its own gateway on the same queue, without the small backlog bound of the other tests.
+    gateway = GatewayProcess(stack.gateway.redis_url, stack.gateway.models, tmp_path).start()
+    try:
+        emulate(browser, 1280, 900, scale=1, mobile=False)
+        open_page(browser, gateway.url)
+        total = 0
+        for prompt, seed, n in [
+            ("a small green triangle at the top on a gray background", 11, 2),
+            ("a large red circle on the left", 1, 4),
+        ]:
+            fill(browser, prompt=prompt, seed=seed, n=n)
+            total += n
+            css(browser, "#generate-button").click()
+            until(browser, lambda want=total: len(all_css(browser, SHOWN)) == want, 60, "the images")
+        # Inpainting: the newest circle as the init image, a stroke over the circle, another prompt.
+        all_css(browser, "button.reuse")[0].click()
+        canvas = css(browser, "#mask-canvas")
+        until(browser, lambda: canvas.is_displayed(), what="the image editor")
+        browser.execute_script("document.getElementById('brush').value = 60")
+        paint_stroke(browser, canvas, -0.3, -0.05)
+        fill(browser, prompt="a large blue circle on the left", seed=5, n=1)
+        css(browser, "#generate-button").click()
+        until(browser, lambda: len(all_css(browser, SHOWN)) == total + 1, 60, "the inpainted image")
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        emulate(browser, 1280, int(height), scale=1, mobile=False)  # the whole page
+        browser.save_screenshot(str(folder / "page-desktop.png"))
+        emulate(browser, 390, 844, scale=2, mobile=True)  # a phone: the Generate button, then the jobs
+        browser.execute_script("document.getElementById('generate-button').scrollIntoView()")
+        browser.save_screenshot(str(folder / "page-phone.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        gateway.stop()
+
+
+SHOWN = "figure.job[data-shown='true']"
+
+
+def emulate(driver: webdriver.Chrome, width: int, height: int, *, scale: float, mobile: bool) -> None:
+    metrics = {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)

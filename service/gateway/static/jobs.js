@@ -110,7 +110,7 @@ class JobView {
     this.download = element("a", "download", "Download");
     this.download.download = `ldm-${job.seed}.png`;
     this.download.hidden = true;
-    this.reuse = element("button", "reuse quiet", "Use as init image");
+    this.reuse = element("button", "reuse link", "Use as init image");
     this.reuse.type = "button";
     this.reuse.hidden = true;
     this.reuse.addEventListener("click", () => this.blob && runs.onUseImage(this.blob));

@@ -109,7 +109,7 @@ export class MaskEditor {
     const ctx = this.el.mask.getContext("2d");
     const erase = this.el.erase.checked;
     ctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
-    ctx.strokeStyle = "#ff2d55";
+    ctx.strokeStyle = "#fff"; // shown through mix-blend-mode: difference, visible on any image
     ctx.lineWidth = Number(this.el.brush.value) * to.scale;
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
