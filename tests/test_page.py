@@ -239,6 +239,11 @@ def test_generate_shows_the_apis_image_for_its_seed(browser: WebDriver, stack: S
     assert api.status_code == 200, api.text
     assert page_png == api.content
 
+    # The session's jobs survive a reload: followed again from their replayed events.
+    browser.refresh()
+    until(browser, lambda: runs(browser), what="the restored card")
+    assert shown_png(browser, wait_shown(browser, runs(browser)[0])) == page_png
+
 
 def test_queue_position_progress_429_and_cancel(browser: WebDriver, stack: Stack) -> None:
     open_page(browser, stack.gateway.url)
