@@ -149,6 +149,7 @@ async function generate(event) {
 function clearErrors() {
   for (const node of document.querySelectorAll("[data-error-for]")) node.textContent = "";
   for (const node of document.querySelectorAll(".invalid")) node.classList.remove("invalid");
+  clearInterval(countdown);
   $("notice").hidden = true;
 }
 
@@ -168,16 +169,30 @@ function showApiError(error) {
       $(field)?.classList.add("invalid");
     }
   } else if (error.status === 429) {
-    const wait = error.retryAfter ?? 1;
-    notice(`The queue is full (${error.message}). Try again in ${wait} s.`);
+    busy(error.message, error.retryAfter ?? 1);
   } else {
     $("form-error").textContent = error.message;
   }
 }
 
-function notice(text) {
-  $("notice").textContent = text;
+let countdown = null;
+
+/** A 429: the service's reason, and a countdown from its Retry-After. */
+function busy(message, seconds) {
+  clearInterval(countdown);
+  let left = seconds;
+  const show = () => {
+    $("notice").textContent =
+      `The service is busy: ${message.replace(/[.;]?\s*retry later\.?$/i, "")}. ` +
+      (left > 0 ? `Try again in ${left} s.` : "You can try again now.");
+  };
+  show();
   $("notice").hidden = false;
+  countdown = setInterval(() => {
+    left -= 1;
+    show();
+    if (left <= 0) clearInterval(countdown);
+  }, 1000);
 }
 
 $("key-form").addEventListener("submit", (event) => {
