@@ -57,7 +57,7 @@ def _chromium() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
+def chrome() -> Iterator[webdriver.Chrome]:
     chromium, chromedriver = _chromium()
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never download anything
     options = webdriver.ChromeOptions()
@@ -65,6 +65,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=1280,900", "--hide-scrollbars", "--no-first-run"):  # fmt: skip
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for script errors
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     driver.set_script_timeout(20)
     try:
@@ -104,6 +105,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         keyed.stop()
         server.kill()
         print(gateway.log()[-3000:], worker.log()[-3000:])  # shown when a test fails
+
+
+@pytest.fixture
+def browser(chrome: webdriver.Chrome) -> Iterator[webdriver.Chrome]:
+    """The browser, checked after the test for script errors in the console (an API's 4xx answers are
+    logged by the browser itself, and expected)."""
+    chrome.get_log("browser")
+    yield chrome
+    errors = [
+        entry["message"]
+        for entry in chrome.get_log("browser")
+        if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
+    ]
+    assert not errors, errors
 
 
 # --- helpers -------------------------------------------------------------------------------------
