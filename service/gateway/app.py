@@ -31,6 +31,7 @@ from .job_service import JobService
 from .metrics import GatewayMetrics
 from .middleware import BodyLimit, RequestMetrics
 from .openapi import configure_openapi
+from .routes_page import mount_page
 
 log = logging.getLogger(__name__)
 GRPC_GRACE_S = 5.0
@@ -80,6 +81,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error(metrics))
     for module in (routes_images, routes_jobs, routes_meta):
         app.include_router(module.router)
+    mount_page(app)  # GET /: the page to try it
     configure_openapi(app, settings, [info.config.downsample_factor for info in catalog.infos()])
     return app
 
