@@ -37,10 +37,11 @@ from torch import Tensor
 from bench.engine import small_config
 from service.ldm import lora_rows
 from service.ldm.checkpoint import LoadedModel
-from service.ldm.engine import Engine, GenerationRequest
-from service.ldm.lora import LoraAdapter
+from service.ldm.engine import Engine
+from service.ldm.lora import LoraAdapter, adaptable
 from service.ldm.lora_cache import LoraCache
-from service.ldm.lora_keys import adaptable, diffusers_unet_path, unet_blocks
+from service.ldm.lora_keys import diffusers_unet_path, unet_blocks
+from service.ldm.request import GenerationRequest
 from service.ldm.text import load_tokenizer
 from tests.tiny import build_tiny, write_tokenizer
 
@@ -121,7 +122,7 @@ def step_times(
     batch = engine.new_batch()
     for i in range(args.batch):
         request = GenerationRequest(
-            f"a photo of a red cat {i}",
+            prompt=f"a photo of a red cat {i}",
             negative_prompt="blue",
             width=args.size,
             height=args.size,

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .ldm.request import MAX_N, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MODEL_NAME, Limits
+from .ldm.request import MAX_LORAS, MAX_N, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MODEL_NAME, Limits
 from .paths import DEMO_MODEL_NAME, bundled_model
 
 
@@ -35,6 +35,11 @@ class QueueSettings(BaseSettings):
     )
     test_faults: bool = Field(
         False, description="tests only: lets magic prompts crash a worker; never set it in production"
+    )
+    lora_dir: Path | None = Field(
+        None,
+        description="folder of LoRA adapters, <name>.safetensors (the gateway lists and checks them, workers "
+        "load them); unset: no adapters",
     )
 
 
@@ -104,6 +109,9 @@ class WorkerSettings(QueueSettings):
     metrics_port: int = Field(9400, ge=0, le=65535, description="port of /metrics and /healthz (0 = off)")
     metrics_host: str = Field("0.0.0.0", description="address /metrics listens on")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default)")
+    lora_cache_mb: int = Field(
+        1024, ge=1, description="most memory the loaded LoRA adapters hold per model (least recently used go)"
+    )
 
     _parse_models = field_validator("models", mode="before")(_parse_models)
     _names = field_validator("models")(_check_model_names)
@@ -137,6 +145,7 @@ class GatewaySettings(QueueSettings):
         1024 * 1024, ge=64, le=MAX_SIDE * MAX_SIDE, description="most pixels (width x height) per image"
     )
     max_n: int = Field(4, ge=1, le=MAX_N, description="most images per request")
+    max_loras: int = Field(8, ge=0, le=MAX_LORAS, description="most LoRA adapters per request")
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
@@ -148,7 +157,9 @@ class GatewaySettings(QueueSettings):
 
     def limits(self) -> Limits:
         """The request limits this gateway serves (checked by `service.ldm.request.resolve`)."""
-        return Limits(self.max_prompt_chars, self.max_steps, self.max_side, self.max_pixels, self.max_n)
+        return Limits(
+            self.max_prompt_chars, self.max_steps, self.max_side, self.max_pixels, self.max_n, self.max_loras
+        )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -44,6 +44,7 @@ OPERATIONS = [  # and whether they take input that can be made invalid
     ("DELETE /v1/jobs/{job_id}", True),
     ("GET /v1/jobs/{job_id}/events", True),
     ("GET /v1/models", False),
+    ("GET /v1/loras", False),
     ("GET /healthz", False),
     ("GET /readyz", False),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -29,6 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=None, help=_help("http_port"))
     p.add_argument("--grpc-port", type=int, default=None, help=_help("grpc_port"))
     p.add_argument("--redis-url", default=None, help=_help("redis_url"))
+    p.add_argument("--lora-dir", type=Path, default=None, help=_help("lora_dir"))
     p.add_argument("--request-timeout-s", type=float, default=None, help=_help("request_timeout_s"))
     p.set_defaults(run=run)
 
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             grpc_port=args.grpc_port,
             redis_url=args.redis_url,
+            lora_dir=args.lora_dir,
             request_timeout_s=args.request_timeout_s,
         )
     except ValidationError as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..ldm.request import SAMPLERS, Limits
+from ..ldm.request import LORA_NAME, SAMPLERS, Limits
 from ..paths import bundled_model
 from .options import fail
 
@@ -64,6 +64,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="how much of the init image to repaint, 0 (none) to 1 (all; default 0.8)",
     )
     p.add_argument("--mask", type=Path, default=None, help="inpainting mask PNG: white is repainted")
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=lora_option,
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="apply a LoRA adapter (.safetensors, kohya or PEFT) at WEIGHT (default 1); repeatable",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
     p.add_argument(
         "--dtype",
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..ldm.engine import Engine
     from ..ldm.images import png_bytes
     from ..ldm.layout import CheckpointError
+    from ..ldm.lora import LoraError
     from ..ldm.request import GenerationRequest, RequestError, plan
     from ..ldm.text import TokenizerError
 
@@ -110,8 +119,16 @@ def run(args: argparse.Namespace) -> int:
         return fail("generate", str(e))
     fields = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed")
     values = {name: getattr(args, name) for name in (*fields, "eta", "strength")}
+    files = {_lora_name(path, i): (path, weight) for i, (path, weight) in enumerate(args.lora)}
+    loras = [{"name": name, "weight": weight} for name, (_, weight) in files.items()]
     try:
-        base = GenerationRequest.parse({**values, "init_image": init_image, "mask": mask})
+        adapters = {name: engine.load_lora(path, name) for name, (path, _) in files.items()}
+    except (LoraError, CheckpointError) as e:
+        return fail("generate", f"--lora: {e}")
+    try:
+        base = GenerationRequest.parse(
+            {**values, "init_image": init_image, "mask": mask, "loras": loras or None}
+        )
         requests = plan(base, args.n, engine.config, _limits())
     except RequestError as e:
         return fail("generate", f"--{e.field.replace('_', '-')}: {e.message}")
@@ -123,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(step - done.get(index, 0))
             done[index] = step
 
-        results = engine.generate(requests, progress=progress)
+        results = engine.generate(requests, progress=progress, adapters=adapters.__getitem__)
     outputs = (
         [args.output]
         if args.n == 1
@@ -141,6 +158,23 @@ def run(args: argparse.Namespace) -> int:
             result.timings.get("total_ms", 0.0),
         )
     return 0
+
+
+def lora_option(value: str) -> tuple[Path, float]:
+    """FILE[:WEIGHT] (weight 1 when left out)."""
+    path, sep, weight = value.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _lora_name(path: Path, index: int) -> str:
+    """The adapter's name in the request (and the PNG's parameters): its file's stem when that is a
+    valid name."""
+    return path.stem if LORA_NAME.match(path.stem) else f"lora{index}"
 
 
 def _limits() -> Limits:

@@ -98,6 +98,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--redis-port", type=int, default=6379, help="port of the local Redis (default: %(default)s)"
     )
     p.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="folder of LoRA adapters for the gateway and workers (env LDM_LORA_DIR; default: none)",
+    )
+    p.add_argument(
         "--data-dir",
         type=Path,
         default=REPO_ROOT / ".local" / "redis",
@@ -144,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             redis_child.stop(10)
             return 1 if not stopping else 0
     env["LDM_REDIS_URL"] = redis_url
+    if args.lora_dir is not None:
+        env["LDM_LORA_DIR"] = str(args.lora_dir.resolve())
     log.info("redis: %s", redis_url)
     children = _service_children(args, settings.models, env)
     for child in children:

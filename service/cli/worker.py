@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -31,6 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None, help=_help("max_batch"))
     p.add_argument("--max-wait-ms", type=float, default=None, help=_help("max_wait_ms"))
     p.add_argument("--redis-url", default=None, help=_help("redis_url"))
+    p.add_argument("--lora-dir", type=Path, default=None, help=_help("lora_dir"))
     p.add_argument("--metrics-port", type=int, default=None, help=_help("metrics_port"))
     p.add_argument("--name", default=None, help=_help("worker_name"))
     p.set_defaults(run=run)
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             redis_url=args.redis_url,
+            lora_dir=args.lora_dir,
             metrics_port=args.metrics_port,
             worker_name=args.name,
         )

@@ -8,6 +8,7 @@ cancel, result), so grouping needs no state of its own in Redis.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from .errors import (
     WaitTimeout,
 )
 from .job_service import JobService
+from .loras import LoraCatalog
 from .metrics import GatewayMetrics
 
 REJECTION_REASONS: dict[type[GatewayError], str] = {
@@ -73,6 +75,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.catalog = catalog
+        self.loras = LoraCatalog(settings.lora_dir)
         self.jobs = jobs
         self.metrics = metrics
         self.api_keys = ApiKeys(settings.api_keys)
@@ -100,6 +103,8 @@ class Gateway:
                 requests = plan(request, n, info.config, self.settings.limits())
             except RequestError as e:
                 raise InvalidField(e.field, e.message) from None
+            if request.loras:
+                self.loras.check(request.loras, info)
             job_ids = await self.jobs.submit(name, requests, owner)
         except (InvalidField, NotFound, QueueFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
@@ -170,6 +175,10 @@ class Gateway:
                 }
             )
         return models
+
+    def lora_list(self) -> list[dict[str, Any]]:
+        """The adapters in the LoRA directory, as /v1/loras and ListLoras give them."""
+        return [dataclasses.asdict(info) for info in self.loras.available()]
 
     async def owned_job(self, job_id: str, owner: str) -> JobState:
         """The job, if it exists and the caller may see it; NotFound otherwise (the same for both)."""

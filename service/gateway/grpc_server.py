@@ -4,6 +4,7 @@ flow are `generation.py`'s, and each GatewayError carries its status code (`erro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -152,17 +153,32 @@ class ImagesServicer(pb_grpc.ImagesServicer):
 
         return await self._call("ListModels", context, body)
 
+    async def ListLoras(
+        self, request: pb.ListLorasRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLorasReply:
+        return await self._call("ListLoras", context, lambda _owner: _list_loras(self.gateway))
+
+
+async def _list_loras(gateway: Gateway) -> pb.ListLorasReply:
+    loras = await asyncio.to_thread(gateway.lora_list)
+    return pb.ListLorasReply(loras=[pb.Lora(**lora) for lora in loras])
+
 
 def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
     """The internal request of a GenerateRequest: proto3 optional fields left unset are absent."""
     fields = ("width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "strength")
     values = {field: getattr(request, field) for field in fields if request.HasField(field)}
+    loras = [
+        {"name": lora.name, **({"weight": lora.weight} if lora.HasField("weight") else {})}
+        for lora in request.loras
+    ]
     return GenerationRequest.parse(
         {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "init_image": request.init_image or None,
             "mask": request.mask or None,
+            "loras": loras or None,
             **values,
         }
     )

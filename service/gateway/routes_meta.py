@@ -1,4 +1,4 @@
-"""GET /v1/models, /healthz (live), /readyz (Redis reachable), /metrics (Prometheus)."""
+"""GET /v1/models, /v1/loras, /healthz (live), /readyz (Redis reachable), /metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .deps import Caller, GatewayDep
-from .schemas import ErrorPublic, ModelPublic, ModelsPublic
+from .schemas import ErrorPublic, LoraPublic, LorasPublic, ModelPublic, ModelsPublic
 
 router = APIRouter(tags=["service"])
 
@@ -20,6 +20,13 @@ async def list_models(gateway: GatewayDep, _owner: Caller) -> ModelsPublic:
     """The models served here: native size, size multiple, defaults, samplers, live workers."""
     models = [ModelPublic(**model) for model in await gateway.models()]
     return ModelsPublic(models=models)
+
+
+@router.get("/v1/loras", response_model=LorasPublic, responses={401: {"model": ErrorPublic}})
+async def list_loras(gateway: GatewayDep, _owner: Caller) -> LorasPublic:
+    """The LoRA adapters a request may name in `loras` (the files of LDM_LORA_DIR)."""
+    loras = await asyncio.to_thread(gateway.lora_list)
+    return LorasPublic(loras=[LoraPublic(**lora) for lora in loras])
 
 
 @router.get("/healthz")

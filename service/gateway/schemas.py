@@ -111,6 +111,18 @@ class ModelsPublic(BaseModel):
     models: list[ModelPublic]
 
 
+class LoraPublic(BaseModel):
+    name: str = Field(description="what a request's `loras[].name` says")
+    family: str = Field(description="sd1, sd2, sdxl or unknown (read off its shapes)")
+    rank: int
+    bytes: int
+    layers: int = Field(description="layers it adapts")
+
+
+class LorasPublic(BaseModel):
+    loras: list[LoraPublic]
+
+
 class ErrorPublic(BaseModel):
     detail: str
     job_ids: list[str] = Field(default_factory=list)

@@ -26,7 +26,7 @@ from .images import decode_image, mask_to_tensor, to_images, to_tensor
 from .lora import LoraAdapter, adaptable, load_lora
 from .lora_keys import LoraNames, Part
 from .lora_rows import LoraRuntime, RowLoras, group_rows
-from .request import GenerationRequest, ResolvedRequest
+from .request import GenerationRequest, RequestError, ResolvedRequest
 from .samplers import img2img_start_step, make_sampler
 from .schedule import DiscreteSchedule
 from .text import TextConditioner
@@ -204,15 +204,20 @@ class Engine:
         requests: Sequence[GenerationRequest],
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[int], bool] | None = None,
+        adapters: Callable[[str], LoraAdapter] | None = None,
     ) -> list[GenerationResult]:
-        """Runs requests together in one batch; results come back in the order given."""
+        """Runs requests together in one batch; results come back in the order given. `adapters`
+        gives the LoRA adapter a request's `loras` names (for example a `LoraCache`'s `get`)."""
         resolved = [self.resolve(r) for r in requests]  # every request is checked before any runs
+        if any(r.loras for r in resolved) and adapters is None:
+            raise RequestError("loras", "this engine was given no LoRA adapters")
         batch = self.new_batch()
         results: dict[int, GenerationResult] = {}
         started: dict[int, float] = {}
         for index, request in enumerate(resolved):
             started[index] = time.perf_counter()
-            member, tokens = self.prepare(request, index)
+            loras = [(adapters(name), weight) for name, weight in request.loras] if adapters else []
+            member, tokens = self.prepare(request, index, loras=loras)
             results[index] = GenerationResult(request, None, tokens)
             results[index].timings["prepare_ms"] = _ms_since(started[index])
             batch.add(member)

@@ -237,9 +237,10 @@ class ResolvedRequest:
     def parameters(self) -> str:
         """The text stored in the PNG, in the web UIs' `parameters` style."""
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        loras = "".join(f", LoRA: {name}:{weight:g}" for name, weight in self.loras)
         return (
             f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
-            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
+            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}{loras}"
         )
 
 

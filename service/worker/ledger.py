@@ -17,7 +17,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..ldm.request import ResolvedRequest
+from pydantic import ValidationError
+
+from ..ldm.request import ResolvedRequest, first_error
 from ..queue.delivery import Lease, WorkerQueue
 from ..queue.states import JobStatus
 from .metrics import WorkerMetrics
@@ -55,6 +57,12 @@ class Outcome:
     @classmethod
     def failed(cls, error: str) -> Outcome:
         return cls(JobStatus.FAILED, error=error)
+
+    @classmethod
+    def raised(cls, e: Exception, context: str = "") -> Outcome:
+        """Failed with an exception's message (a bad field's message names the field)."""
+        message = str(first_error(e)) if isinstance(e, ValidationError) else str(e) or type(e).__name__
+        return cls.failed(context + message)
 
     @classmethod
     def expired(cls, error: str) -> Outcome:
@@ -104,6 +112,10 @@ class Ledger:
             self.metrics.stale.inc()
         elif outcome.gone == JobStatus.CANCELLED.value:
             self.metrics.jobs.labels(outcome.gone).inc()
+
+    def leave_all(self, jobs: list[Job], outcome: Outcome) -> None:
+        for job in jobs:
+            self.leave(job, outcome)
 
     def flush(self) -> None:
         """Sends the outbox in order: outcomes one by one, hand-backs in one round trip. A Redis error

@@ -69,6 +69,16 @@ class WorkerMetrics:
             "Unix time of the worker loop's last iteration (it stops moving when the loop is stuck)",
             registry=r,
         )
+        self.lora_loads = Counter("ldm_lora_loads", "LoRA adapters read from disk into memory", registry=r)
+        self.lora_cache_bytes = Gauge(
+            "ldm_lora_cache_bytes", "Memory held by the LoRA adapters in the worker's caches", registry=r
+        )
+        self.lora_adapters = Histogram(
+            "ldm_lora_adapters_per_step",
+            "Distinct LoRA adapters in one batched UNet call",
+            buckets=(0, 1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
         self._busy = BusyWindow()
 
     def observe_success(self, started: float, created: float) -> None:

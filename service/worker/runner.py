@@ -10,9 +10,8 @@ One iteration is one denoising step of the running batch (or one wait for work w
    (an invalid request fails alone);
 4. step the batch once, publish progress (which reports cancelled and superseded jobs: they leave
    at the next boundary), decode the finished members together and store each result, fenced by
-   its attempt. Progress (and the read of step 2) goes out on a thread of its own while the next
-   step runs, so a busy worker's Redis round trips stay off the denoising path; it is sent in line
-   when members finish, so their last progress event comes before their result.
+   its attempt. Progress (and the read of step 2) goes out on a thread of its own during the next
+   step (off the denoising path), in line when members finish (their last event precedes the result).
 
 Every job leaves through `Ledger.leave` (`ledger.py`); the keeper thread (`keeper.py`) renews
 deliveries and the heartbeat while the loop moves. SIGTERM drains: stop claiming, hand back what
@@ -32,16 +31,16 @@ from typing import Any
 
 import redis
 import torch
-from pydantic import ValidationError
 
 from ..ldm.batch import DenoisingBatch
 from ..ldm.engine import Engine
 from ..ldm.images import png_bytes
-from ..ldm.request import GenerationRequest, first_error
+from ..ldm.request import GenerationRequest
 from ..queue.delivery import Entry, Lease, WorkerQueue
 from ..queue.states import JobStatus
 from ..queue.store import connect
 from ..settings import WorkerSettings
+from .adapters import Adapters
 from .faults import inject
 from .keeper import Keeper
 from .ledger import Job, Ledger, Outcome
@@ -52,6 +51,7 @@ log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 500  # an idle worker waits this long on the streams between reclaim scans
 RECLAIM_POLL_S = 0.5
+ADAPTER_POLL_MS = 20
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 Progress = tuple[dict[str, str], list[Entry]]  # each job's status, and the entries read alongside
 
@@ -67,6 +67,7 @@ class Worker:
         self.batch: DenoisingBatch | None = None
         self.ledger = Ledger(self.queue, metrics, self._detach)
         self.keeper = Keeper(settings, self._queue(), self.ledger, metrics, self._status)
+        self.adapters = Adapters(settings, engines, metrics)
         self.draining = False
         self._drain_deadline: float | None = None
         self._wait_s: float | None = None
@@ -87,9 +88,6 @@ class Worker:
             max_deliveries=s.max_deliveries,
             result_ttl_s=s.result_ttl_s,
         )
-
-    def healthy(self) -> bool:
-        return self.keeper.healthy()
 
     def _status(self) -> dict[str, Any]:
         return {
@@ -123,6 +121,7 @@ class Worker:
                     break
                 self.ledger.flush()
                 self.ledger.drop_superseded()
+                self._offer_loaded()
                 self._claim()
                 self._admit()
                 self._step()
@@ -143,6 +142,7 @@ class Worker:
                     break
                 time.sleep(delay)
         self.keeper.stop()
+        self.adapters.close()
         self._io.shutdown(wait=True)
         with contextlib.suppress(*REDIS_ERRORS):
             self.queue.sign_off()
@@ -158,9 +158,10 @@ class Worker:
         """One drain iteration; True when the worker may exit."""
         self._collect_progress()
         waiting = [self.ledger.jobs[c.key] for c in self.scheduler.take_waiting()]
+        waiting += [job for job in self.adapters.take_waiting() if isinstance(job, Job)]
         if waiting:
             log.info("draining: handing back %d waiting jobs", len(waiting))
-            self._leave_all(waiting, Outcome.handed_back())
+            self.ledger.leave_all(waiting, Outcome.handed_back())
         assert self._drain_deadline is not None
         late = time.monotonic() >= self._drain_deadline
         if self.batch is not None and len(self.batch) and not late:
@@ -168,14 +169,10 @@ class Worker:
         running = [job for key in list(self.scheduler.running) if (job := self.ledger.get(key))]
         if running:
             log.info("drain grace over: handing back %d running jobs", len(running))
-            self._leave_all(running, Outcome.handed_back())
+            self.ledger.leave_all(running, Outcome.handed_back())
         self.batch = None
         self.ledger.flush()
         return True
-
-    def _leave_all(self, jobs: list[Job], outcome: Outcome) -> None:
-        for job in jobs:
-            self.ledger.leave(job, outcome)
 
     # -- claiming ---------------------------------------------------------------------------------
 
@@ -200,6 +197,8 @@ class Worker:
             block = max(1, int(self._wait_s * 1000))
         else:
             block = IDLE_BLOCK_MS
+        if block is not None and self.adapters.waiting:
+            block = min(block, ADAPTER_POLL_MS)  # jobs join as soon as their adapters are in
         self._take(self.queue.read(models, free, block), reclaimed=False)
 
     def _read_target(self) -> tuple[list[str], int]:
@@ -245,16 +244,32 @@ class Worker:
         except Exception as e:  # a bad spec, an unreadable image, anything the model refuses
             job = Job(lease, None)
             self.ledger.hold(job)
-            self.ledger.leave(job, Outcome.failed(error_message(e)))
+            self.ledger.leave(job, Outcome.raised(e))
             return
-        f = engine.config.downsample_factor
-        h, w = request.height // f, request.width // f
-        self.ledger.hold(Job(lease, request))
-        self.scheduler.offer(
-            Candidate(
-                lease.job_id, (lease.model, h, w), h * w, lease.deadline, time.time(), lease.deliveries > 1
-            )
-        )
+        job = Job(lease, request)
+        self.ledger.hold(job)
+        if self.adapters.ready(lease.model, request.loras):
+            self._offer(job)
+        else:
+            self.adapters.fetch(lease.model, request.loras, job)
+
+    def _offer(self, job: Job) -> None:
+        assert job.request is not None
+        lease = job.lease
+        f = self.engines[lease.model].config.downsample_factor
+        h, w = job.request.height // f, job.request.width // f
+        solo = lease.deliveries > 1
+        self.scheduler.offer(Candidate(job.id, (lease.model, h, w), h * w, lease.deadline, time.time(), solo))
+
+    def _offer_loaded(self) -> None:
+        """Jobs whose adapters have been loaded meanwhile wait to be admitted; a failed load fails its job."""
+        for loaded in self.adapters.done():
+            job = loaded.key
+            if isinstance(job, Job) and self.ledger.get(job.id) is job:  # not left meanwhile
+                if loaded.error:
+                    self.ledger.leave(job, Outcome.failed(loaded.error))
+                else:
+                    self._offer(job)
 
     # -- admitting and stepping -------------------------------------------------------------------
 
@@ -283,10 +298,11 @@ class Worker:
             job.started = time.time()
             self.metrics.queue_wait_seconds.observe(max(0.0, job.started - job.lease.created))
             try:
-                member, _tokens = engine.prepare(job.request, job.id)
+                loras = self.adapters.get(job.lease.model, job.request.loras)
+                member, _tokens = engine.prepare(job.request, job.id, loras=loras)
             except Exception as e:
                 log.warning("job %s failed to prepare: %s", job.id, e)
-                self.ledger.leave(job, Outcome.failed(error_message(e)))
+                self.ledger.leave(job, Outcome.raised(e))
                 continue
             self.batch.add(member)
         self.metrics.busy(time.perf_counter() - busy_start)
@@ -303,13 +319,15 @@ class Worker:
         except Exception as e:  # an engine failure we cannot pin on one member fails its batch
             log.exception("denoising step failed")
             self._collect_progress()
-            failed = Outcome.failed(f"denoising failed: {error_message(e)}")
-            self._leave_all([self.ledger.jobs[str(key)] for key in list(batch.members)], failed)
+            failed = Outcome.raised(e, "denoising failed: ")
+            self.ledger.leave_all([self.ledger.jobs[str(key)] for key in list(batch.members)], failed)
             return
         elapsed = time.perf_counter() - started
         if active:
             self.metrics.batch_size.observe(active)
             self.metrics.step_seconds.observe(elapsed)
+            adapters = {a.uid for m in batch.members.values() for a, _ in m.loras}
+            self.metrics.lora_adapters.observe(len(adapters))
         # The last step's progress went out while this step ran: who it found cancelled or
         # superseded leaves now (finished or not), and the jobs it read wait to be admitted.
         left = self._collect_progress()
@@ -374,14 +392,8 @@ class Worker:
             images = engine.decode(torch.cat(latents))
         except Exception as e:
             log.exception("decoding failed")
-            self._leave_all(jobs, Outcome.failed(f"decoding failed: {error_message(e)}"))
+            self.ledger.leave_all(jobs, Outcome.raised(e, "decoding failed: "))
             return
         for job, image in zip(jobs, images, strict=True):
             assert job.request is not None
             self.ledger.leave(job, Outcome.succeeded(png_bytes(image, job.request.parameters())))
-
-
-def error_message(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        return str(first_error(e))
-    return str(e) or type(e).__name__

@@ -36,7 +36,7 @@ def serve(settings: WorkerSettings) -> int:
         metrics.gpu_memory.labels("reserved").set_function(torch.cuda.memory_reserved)
     worker = Worker(settings, engines, metrics)
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.metrics_host, worker.healthy)
+        metrics.serve(settings.metrics_port, settings.metrics_host, worker.keeper.healthy)
         log.info(
             "metrics on http://%s:%d/metrics, liveness on /healthz",
             settings.metrics_host,

@@ -59,6 +59,11 @@ class ImagesStub:
                 request_serializer=ldm_dot_v1_dot_ldm__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=ldm_dot_v1_dot_ldm__pb2.ListModelsReply.FromString,
                 _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/ldm.v1.Images/ListLoras',
+                request_serializer=ldm_dot_v1_dot_ldm__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=ldm_dot_v1_dot_ldm__pb2.ListLorasReply.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -99,6 +104,13 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLoras(self, request, context):
+        """The LoRA adapters in the gateway's LoRA directory (LDM_LORA_DIR).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=ldm_dot_v1_dot_ldm__pb2.ListModelsRequest.FromString,
                     response_serializer=ldm_dot_v1_dot_ldm__pb2.ListModelsReply.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=ldm_dot_v1_dot_ldm__pb2.ListLorasRequest.FromString,
+                    response_serializer=ldm_dot_v1_dot_ldm__pb2.ListLorasReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class Images:
             '/ldm.v1.Images/ListModels',
             ldm_dot_v1_dot_ldm__pb2.ListModelsRequest.SerializeToString,
             ldm_dot_v1_dot_ldm__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ldm.v1.Images/ListLoras',
+            ldm_dot_v1_dot_ldm__pb2.ListLorasRequest.SerializeToString,
+            ldm_dot_v1_dot_ldm__pb2.ListLorasReply.FromString,
             options,
             channel_credentials,
             insecure,
