@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .ldm.request import MAX_LORAS, MAX_N, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MODEL_NAME, Limits
+from .ldm.request import (
+    MAX_INPUT_PIXELS,
+    MAX_LORAS,
+    MAX_N,
+    MAX_PROMPT_CHARS,
+    MAX_SIDE,
+    MAX_STEPS,
+    MODEL_NAME,
+    Limits,
+)
 from .paths import DEMO_MODEL_NAME, bundled_model
 
 
@@ -29,6 +38,9 @@ class QueueSettings(BaseSettings):
     )
     max_backlog: int = Field(
         1000, ge=0, description="queued plus running jobs per model before enqueue refuses"
+    )
+    idempotency_ttl_s: int = Field(
+        24 * 3600, ge=1, description="how long an Idempotency-Key keeps answering with the same jobs"
     )
     max_deliveries: int = Field(
         3, ge=1, description="deliveries without finishing before a job is dead-lettered and failed"
@@ -146,6 +158,12 @@ class GatewaySettings(QueueSettings):
     )
     max_n: int = Field(4, ge=1, le=MAX_N, description="most images per request")
     max_loras: int = Field(8, ge=0, le=MAX_LORAS, description="most LoRA adapters per request")
+    max_input_pixels: int = Field(
+        MAX_INPUT_PIXELS,
+        ge=64,
+        le=MAX_INPUT_PIXELS,
+        description="largest init image or mask (width x height), checked from its header before decoding",
+    )
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
@@ -158,7 +176,13 @@ class GatewaySettings(QueueSettings):
     def limits(self) -> Limits:
         """The request limits this gateway serves (checked by `service.ldm.request.resolve`)."""
         return Limits(
-            self.max_prompt_chars, self.max_steps, self.max_side, self.max_pixels, self.max_n, self.max_loras
+            self.max_prompt_chars,
+            self.max_steps,
+            self.max_side,
+            self.max_pixels,
+            self.max_n,
+            self.max_loras,
+            self.max_input_pixels,
         )
 
     @field_validator("api_keys", mode="before")

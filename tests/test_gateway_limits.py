@@ -39,6 +39,13 @@ PNG = base64.b64encode(bytes.fromhex(  # a 1x1 black PNG
     "89504e470d0a1a0a0000000d4948445200000001000000010800000000"
     "3a7e9b550000000a49444154789c63600000000200015e2b0fa50000000049454e44ae426082"
 )).decode()  # fmt: skip
+# A PNG bomb: a header saying 13000 x 13000 (169 Mpx), refused from the header, nothing decoded.
+BOMB = base64.b64encode(
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+    + (13000).to_bytes(4, "big") * 2
+    + b"\x08\x02\x00\x00\x00"
+    + bytes(64)
+).decode()
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +127,10 @@ INVALID: list[tuple[str, Any, int, str]] = [  # path, JSON body (or raw bytes), 
     (I2I, {"prompt": "x", "init_image": PNG, "strength": 1.5}, 422, "strength"),
     (I2I, {"prompt": "x", "init_image": PNG, "mask": base64.b64encode(b"nope").decode()}, 422, "mask"),
     (I2I, {"prompt": "x", "init_image": PNG}, 422, "width"),  # 1x1 is no multiple of 2
+    (I2I, {"prompt": "x", "init_image": BOMB, "width": 32, "height": 32}, 422, "init_image"),
+    (I2I, {"prompt": "x", "init_image": PNG, "mask": BOMB, "width": 32, "height": 32}, 422, "mask"),
+    (T2I, {"prompt": "x", "steps": 10**6}, 422, "steps"),
+    (T2I, {"prompt": "x", "loras": [{"name": "none-here"}]}, 404, ""),
 ]
 
 

@@ -125,6 +125,18 @@ def test_an_invalid_job_fails_alone(store: JobStore, server: RedisServer) -> Non
     assert (last["type"], last["error"]) == ("failed", states[bad_sampler].error)
 
 
+def test_a_poison_member_fails_alone_and_its_batch_mates_finish(store: JobStore) -> None:
+    """A step that raises is tried again in halves down to members alone: only the member that breaks
+    the UNet call fails."""
+    mates = [store.enqueue(MODEL, job({**SPEC, "seed": i, "steps": 8})) for i in range(2)]
+    poison = store.enqueue(MODEL, job({**SPEC, "prompt": "__poison_step__", "steps": 8}))
+    mates.append(store.enqueue(MODEL, job({**SPEC, "seed": 9, "steps": 8})))
+    *states, poisoned = wait_done(store, [*mates, poison])
+    assert [s.status for s in states] == [JobStatus.SUCCEEDED] * 3
+    assert poisoned.status == JobStatus.FAILED and poisoned.error.startswith("denoising failed: ")
+    assert poisoned.attempt == 1  # failed, not redelivered: it broke the model, not the worker
+
+
 def test_cancel_leaves_the_batch_at_a_step_boundary(store: JobStore) -> None:
     doomed = store.enqueue(MODEL, job({**SPEC, "steps": 400}))
     mate = store.enqueue(MODEL, job({**SPEC, "steps": 40}))

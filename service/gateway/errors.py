@@ -48,6 +48,10 @@ class NotFound(GatewayError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
+class UnknownLora(NotFound):
+    """A request names a LoRA adapter that is not in the LoRA directory."""
+
+
 class QueueFull(GatewayError):
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -92,7 +96,29 @@ class JobFailed(GatewayError):
 
 
 class Unavailable(GatewayError):
-    """Redis cannot be reached."""
+    """Redis cannot be reached, or refuses writes for now (out of memory, read-only, loading)."""
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, job_ids: list[str] | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, job_ids)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class WaitInterrupted(GatewayError):
+    """The job queue went away while a request waited for jobs it had accepted: they go on. Not a
+    code clients retry on their own (gRPC ABORTED, HTTP `x-should-retry: false`): a blind retry would
+    run them twice; follow them by id, or retry with the same Idempotency-Key."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.ABORTED
+
+    @property
+    def headers(self) -> dict[str, str]:
+        location = {"Location": f"/v1/jobs/{self.job_ids[0]}"} if self.job_ids else {}
+        return {**location, "Retry-After": "1", "x-should-retry": "false"}

@@ -28,6 +28,9 @@ from .errors import (
     NotFound,
     QueueFull,
     Unauthenticated,
+    Unavailable,
+    UnknownLora,
+    WaitInterrupted,
     WaitTimeout,
 )
 from .job_service import JobService
@@ -37,6 +40,7 @@ from .metrics import GatewayMetrics
 REJECTION_REASONS: dict[type[GatewayError], str] = {
     InvalidField: "invalid",
     NotFound: "unknown_model",
+    UnknownLora: "unknown_lora",
     QueueFull: "queue_full",
     Unauthenticated: "unauthenticated",
 }
@@ -89,7 +93,13 @@ class Gateway:
             raise
 
     async def submit(
-        self, request: GenerationRequest, owner: str, *, n: int = 1, model: str | None = None
+        self,
+        request: GenerationRequest,
+        owner: str,
+        *,
+        n: int = 1,
+        model: str | None = None,
+        idempotency_key: str = "",
     ) -> Submission:
         """Checks the request against the model and the settings' limits, then enqueues its n images
         (one job each); refusals (422, 404, 429) are counted by reason, nothing enqueued."""
@@ -105,8 +115,8 @@ class Gateway:
                 raise InvalidField(e.field, e.message) from None
             if request.loras:
                 self.loras.check(request.loras, info)
-            job_ids = await self.jobs.submit(name, requests, owner)
-        except (InvalidField, NotFound, QueueFull) as e:
+            job_ids = await self.jobs.submit(name, requests, owner, idempotency_key)
+        except (InvalidField, NotFound, UnknownLora, QueueFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
         self.metrics.submitted.labels(name).inc(len(job_ids))
@@ -124,11 +134,16 @@ class Gateway:
         timeout = timeout if timeout_s is None else min(timeout, timeout_s)
         remaining = timeout - (time.monotonic() - submission.received)
         ids = submission.job_ids
-        if remaining <= 0 or not await self.jobs.wait(ids, remaining):
-            raise WaitTimeout(
-                f"no result within {timeout:g} s; the job goes on: follow /v1/jobs/{submission.id}", ids
-            )
-        return await self.collect(submission)
+        try:
+            if remaining <= 0 or not await self.jobs.wait(ids, remaining):
+                raise WaitTimeout(
+                    f"no result within {timeout:g} s; the job goes on: follow /v1/jobs/{submission.id}", ids
+                )
+            return await self.collect(submission)
+        except Unavailable as e:  # the jobs were accepted and go on: never answer without their ids
+            raise WaitInterrupted(
+                f"{e.message}; the accepted jobs go on: follow /v1/jobs/{submission.id}", ids
+            ) from None
 
     async def collect(self, submission: Submission) -> Generated:
         states = [await self.jobs.get(job_id) for job_id in submission.job_ids]

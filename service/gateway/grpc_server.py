@@ -56,7 +56,7 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateReply:
         async def body(owner: str) -> pb.GenerateReply:
-            submission = await self._submit(request, owner)
+            submission = await self._submit(request, owner, context)
             return generate_reply(await self.gateway.wait_for_images(submission, self._remaining(context)))
 
         return await self._call("Generate", context, body)
@@ -64,7 +64,9 @@ class ImagesServicer(pb_grpc.ImagesServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        submission = await self._call("GenerateStream", context, lambda owner: self._submit(request, owner))
+        submission = await self._call(
+            "GenerateStream", context, lambda owner: self._submit(request, owner, context)
+        )
         try:
             async for event in self._events(submission, self._remaining(context)):
                 yield pb.GenerateEvent(job_event=event)
@@ -73,14 +75,17 @@ class ImagesServicer(pb_grpc.ImagesServicer):
             context.set_trailing_metadata((("ldm-job-ids", ",".join(e.job_ids or submission.job_ids)),))
             await context.abort(e.grpc_code, e.message)
 
-    async def _submit(self, request: pb.GenerateRequest, owner: str) -> Submission:
+    async def _submit(
+        self, request: pb.GenerateRequest, owner: str, context: grpc.aio.ServicerContext
+    ) -> Submission:
         try:
             internal = generation_request(request)
         except RequestError as e:
             raise self.gateway.invalid(e) from None
         n = request.n if request.HasField("n") else 1
         model = request.model if request.HasField("model") else None
-        return await self.gateway.submit(internal, owner, n=n, model=model)
+        key = _text(dict(context.invocation_metadata() or ()).get("idempotency-key")) or ""
+        return await self.gateway.submit(internal, owner, n=n, model=model, idempotency_key=key)
 
     async def _events(self, submission: Submission, deadline_s: float | None) -> AsyncIterator[pb.JobEvent]:
         timeout = self.gateway.settings.request_timeout_s

@@ -20,12 +20,13 @@ import redis.asyncio
 
 from ..ldm.request import GenerationRequest
 from ..queue import keys
+from ..queue.scripts import SCRIPTS
 from ..queue.states import TERMINAL, JobState, JobStatus
-from ..queue.store import BacklogFull, JobStore, text
+from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, text, unavailable
 from .errors import QueueFull, Unavailable
 
 T = TypeVar("T")
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+REDIS_ERRORS = UNAVAILABLE_ERRORS
 BLOCK_S = 5.0  # longest single XREAD BLOCK; callers see an idle tick (None) after each empty one
 TERMINAL_TYPES = frozenset(str(s) for s in TERMINAL)
 
@@ -49,34 +50,39 @@ class JobService:
         self.store = store
         self.client = client
         self.retry_after_s = retry_after_s
+        self._enqueue = client.register_script(SCRIPTS["enqueue"])
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.to_thread(call, *args)
-        except REDIS_ERRORS as e:
-            raise Unavailable(f"the job queue is unavailable: {e}") from None
+        except redis.RedisError as e:
+            if not unavailable(e):
+                raise
+            raise Unavailable(
+                f"the job queue is unavailable: {e}", retry_after_s=self.retry_after_s
+            ) from None
 
     # -- writes -----------------------------------------------------------------------------------
 
-    async def submit(self, model: str, requests: list[GenerationRequest], owner: str) -> list[str]:
-        """Enqueues all the requests or none: a request for n images is refused whole when the backlog
-        has no room for n (429), checked before anything is enqueued."""
-        return await self._run(self._submit, model, requests, owner)
-
-    def _submit(self, model: str, requests: list[GenerationRequest], owner: str) -> list[str]:
-        store = self.store
-        backlog = store.backlog(model)
-        if backlog + len(requests) > store.max_backlog:
-            raise self._full(model, backlog)
-        job_ids: list[str] = []
+    async def submit(
+        self, model: str, requests: list[GenerationRequest], owner: str, idempotency_key: str = ""
+    ) -> list[str]:
+        """Enqueues all the requests or none, in one atomic script call on the asyncio client (no
+        thread: a burst of refusals costs one round trip each); 429 when the backlog has no room."""
+        call = self.store.enqueue_call(model, requests, owner, idempotency_key=idempotency_key)
         try:
-            for request in requests:
-                job_ids.append(store.enqueue(model, request, owner=owner))
-        except BacklogFull as e:  # lost a race with another gateway: take back what went in
-            for job_id in job_ids:
-                store.cancel(job_id)
+            reply = await self._enqueue(keys=call.keys, args=call.args)
+            return call.result(reply)
+        except BacklogFull as e:
             raise self._full(model, e.backlog) from None
-        return job_ids
+        except redis.RedisError as e:
+            if not unavailable(e):
+                raise
+            # Whether the script ran is unknown: the ids let the caller look (404: not enqueued), and a
+            # retry with the same Idempotency-Key is safe either way.
+            raise Unavailable(
+                f"the job queue is unavailable: {e}", call.job_ids, self.retry_after_s
+            ) from None
 
     def _full(self, model: str, backlog: int) -> QueueFull:
         return QueueFull(

@@ -14,7 +14,7 @@ from ..ldm.lora_info import read_header as read_lora_header
 from ..ldm.lora_keys import LoraNames, names_from_header
 from ..ldm.request import LORA_NAME, LoraRef
 from .catalog import ModelInfo
-from .errors import InvalidField, NotFound
+from .errors import InvalidField, UnknownLora
 
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
@@ -53,11 +53,12 @@ class LoraCatalog:
         return cached[1]
 
     def check(self, refs: list[LoraRef], model: ModelInfo) -> None:
-        """NotFound for an adapter not in the folder; InvalidField (`loras`) for one that does not fit."""
+        """UnknownLora (404) for an adapter not in the folder; InvalidField (`loras`) for one that does
+        not fit the model."""
         for ref in refs:
             path = self.path(ref.name)
             if path is None:
-                raise NotFound(f"LoRA {ref.name!r} is not served here; see /v1/loras")
+                raise UnknownLora(f"LoRA {ref.name!r} is not served here; see /v1/loras")
             try:
                 shapes = {k: v.shape for k, v in read_lora_header(path)[0].items()}
                 check_lora(ref.name, shapes, self._layers(model), model.config.family)

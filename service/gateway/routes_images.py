@@ -43,31 +43,53 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorPublic, "description": "no result in time; the job goes on (Location)"},
 }
 Prefer = Annotated[str | None, Header(description=PREFER_HELP)]
+IDEMPOTENCY_HELP = (
+    "any string up to 256 characters: the same key from the same caller within LDM_IDEMPOTENCY_TTL_S "
+    "answers with the jobs of the first request and enqueues nothing again"
+)
+IdempotencyKey = Annotated[str | None, Header(max_length=256, description=IDEMPOTENCY_HELP)]
 
 
 @router.post("/txt2img", response_model=ImagesPublic, responses=RESPONSES)
 async def txt2img(
-    body: Txt2ImgCreate, request: Request, gateway: GatewayDep, owner: Caller, prefer: Prefer = None
+    body: Txt2ImgCreate,
+    request: Request,
+    gateway: GatewayDep,
+    owner: Caller,
+    prefer: Prefer = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Text to image: n images, one job each, seeds seed .. seed + n - 1."""
-    return await _generate(gateway, body, request, owner, prefer)
+    return await _generate(gateway, body, request, owner, prefer, idempotency_key)
 
 
 @router.post("/img2img", response_model=ImagesPublic, responses=RESPONSES)
 async def img2img(
-    body: Img2ImgCreate, request: Request, gateway: GatewayDep, owner: Caller, prefer: Prefer = None
+    body: Img2ImgCreate,
+    request: Request,
+    gateway: GatewayDep,
+    owner: Caller,
+    prefer: Prefer = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Image to image (and inpainting with a mask): the init image redrawn from `strength`."""
-    return await _generate(gateway, body, request, owner, prefer)
+    return await _generate(gateway, body, request, owner, prefer, idempotency_key)
 
 
 async def _generate(
-    gateway: Gateway, body: Txt2ImgCreate, request: Request, owner: str, prefer: str | None
+    gateway: Gateway,
+    body: Txt2ImgCreate,
+    request: Request,
+    owner: str,
+    prefer: str | None,
+    idempotency_key: str | None,
 ) -> Response:
     wants_png = _wants_png(request.headers.get("accept", ""))
     if wants_png and body.n != 1:
         raise InvalidField("n", "Accept: image/png answers one image: n must be 1")
-    submission = await gateway.submit(body.to_request(), owner, n=body.n, model=body.model)
+    submission = await gateway.submit(
+        body.to_request(), owner, n=body.n, model=body.model, idempotency_key=idempotency_key or ""
+    )
     if prefer is not None and "respond-async" in [p.strip().lower() for p in prefer.split(",")]:
         return accepted(submission)
     generated = await gateway.wait_for_images(submission)

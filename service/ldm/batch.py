@@ -10,7 +10,7 @@ leave between steps; that is what lets a worker admit new requests into a runnin
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,9 +104,10 @@ class DenoisingBatch:
     def remove(self, key: Hashable) -> Member | None:
         return self.members.pop(key, None)
 
-    def step(self) -> list[Member]:
-        """Advances every member one step; returns (and removes) the members that are finished."""
-        active = [m for m in self.members.values() if not m.done]
+    def step(self, keys: Collection[Hashable] | None = None) -> list[Member]:
+        """Advances every member (or those of `keys`) one step; returns (and removes) the members
+        that are finished."""
+        active = [m for m in self.members.values() if not m.done and (keys is None or m.key in keys)]
         if active:
             started = time.perf_counter()
             self._advance(active)

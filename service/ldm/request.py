@@ -48,6 +48,7 @@ MAX_GUIDANCE = 50.0
 MAX_N = 64
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_LORAS = 16
+MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask larger than this is refused from its header
 MAX_LORA_WEIGHT = 4.0
 DEFAULT_STRENGTH = 0.8
 DEFAULT_ETA = 0.0
@@ -214,6 +215,7 @@ class Limits:
     max_pixels: int = MAX_SIDE * MAX_SIDE
     max_n: int = MAX_N
     max_loras: int = MAX_LORAS
+    max_input_pixels: int = MAX_INPUT_PIXELS
 
 
 @dataclass(frozen=True)
@@ -255,9 +257,9 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         raise RequestError("loras", f"must be at most {limits.max_loras} adapters, got {len(request.loras)}")
     native = (model.sample_size, model.sample_size)
     if request.init_image is not None:
-        native = image_size(request.init_image, "init_image")
+        native = _input_size(request.init_image, "init_image", limits)
     if request.mask is not None:
-        image_size(request.mask, "mask")
+        _input_size(request.mask, "mask", limits)
     if model.is_inpainting and (request.init_image is None or request.mask is None):
         raise RequestError("init_image", "this is an inpainting model: give an init image and a mask")
     width = native[0] if request.width is None else request.width
@@ -301,6 +303,16 @@ def image_size(data: bytes, field: str) -> tuple[int, int]:
     width, height = struct.unpack(">II", data[16:24])
     if not (width and height):
         raise RequestError(field, "must be a PNG image of positive size")
+    return width, height
+
+
+def _input_size(data: bytes, field: str, limits: Limits) -> tuple[int, int]:
+    """An input image's size from its header, refused before anything decodes it when too large."""
+    width, height = image_size(data, field)
+    if width * height > limits.max_input_pixels:
+        raise RequestError(
+            field, f"is {width}x{height}: at most {limits.max_input_pixels} pixels are accepted"
+        )
     return width, height
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ class Lease:
     spec_json: str
     created: float
     deadline: float
+    started: bool = False  # an earlier attempt had started it: its queueing deadline no longer applies
 
     def keys(self) -> list[str]:
         return [keys.jobs(self.model), keys.job(self.job_id), keys.events(self.job_id)]
@@ -138,18 +140,14 @@ class WorkerQueue:
     def claim(self, entries: Sequence[Entry]) -> list[Claimed]:
         """Takes the next attempt of each entry's job, or dead-letters a job delivered too often."""
         now = time.time()
+        token = uuid.uuid4().hex  # one per call: a retried pipeline claims nothing twice
+        heartbeats = keys.worker("")
         calls = [
             (
                 [keys.jobs(e.model), keys.job(e.job_id), keys.events(e.job_id), keys.dead(e.model)],
                 [
-                    keys.GROUP,
-                    e.entry,
-                    self.worker,
-                    self.max_deliveries,
-                    now,
-                    self.result_ttl_s,
-                    e.job_id,
-                    e.model,
+                    *(keys.GROUP, e.entry, self.worker, self.max_deliveries, now, self.result_ttl_s),
+                    *(e.job_id, e.model, token, heartbeats),
                 ],
             )
             for e in entries
@@ -160,7 +158,7 @@ class WorkerQueue:
             if outcome != "claimed":
                 out.append(Claimed(e, outcome, detail=text(reply[1]) if len(reply) > 1 else ""))
                 continue
-            attempt, deliveries, spec, created, deadline = (text(v) for v in reply[1:])
+            attempt, deliveries, spec, created, deadline, started = (text(v) for v in reply[1:])
             lease = Lease(
                 e.model,
                 e.entry,
@@ -170,6 +168,7 @@ class WorkerQueue:
                 spec,
                 float(created),
                 float(deadline),
+                started=bool(started),
             )
             out.append(Claimed(e, outcome, lease))
         return out

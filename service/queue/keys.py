@@ -8,12 +8,14 @@
 | `ldm:events:<id>` | stream | progress and status events of one job, with a TTL (late readers replay it) |
 | `ldm:dead:<model>` | stream | dead-lettered jobs (field `job`, `reason`, `attempts`) |
 | `ldm:worker:<name>` | string | a live worker's heartbeat (JSON), expires when the worker stops renewing it |
+| `ldm:idem:<owner>:<sha256>` | string | the job ids an `Idempotency-Key` was answered with (TTL) |
 
 Keys are not hash-tagged: the protocol assumes one Redis (or a primary with replicas), not a cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from ..ldm.request import MODEL_NAME
@@ -43,6 +45,11 @@ def events(job_id: str) -> str:
 
 def dead(model: str) -> str:
     return f"{PREFIX}:dead:{model}"
+
+
+def idempotency(owner: str, key: str) -> str:
+    """The job ids an `Idempotency-Key` was answered with, per caller (owner: its API key's digest)."""
+    return f"{PREFIX}:idem:{owner or '-'}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def worker(name: str) -> str:

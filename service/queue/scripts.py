@@ -22,22 +22,38 @@ local function event(key, ttl, ...)
 end
 """
 
-# KEYS: stream, job, events. ARGV: job id, model, owner, spec, now, deadline, max backlog, ttl.
+# All the jobs of one request, or none. KEYS: stream, idempotency key, then job and events of each job.
+# ARGV: model, owner, now, deadline, max backlog, ttl, idempotency ttl, then job id and spec of each.
+# An idempotency key that is already there answers the job ids it recorded, and nothing is added; so
+# does a first job id that exists already (a retried call).
 ENQUEUE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return {'exists', redis.call('HGET', KEYS[2], 'entry')}
+local n = (#ARGV - 7) / 2
+if KEYS[2] ~= '' then
+  local known = redis.call('GET', KEYS[2])
+  if known then return {'exists', known} end
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'exists', ''}
 end
 local backlog = redis.call('XLEN', KEYS[1])
-if backlog >= tonumber(ARGV[7]) then
+if backlog + n > tonumber(ARGV[5]) then
   return {'full', tostring(backlog)}
 end
-local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'model', ARGV[2], 'owner', ARGV[3], 'spec', ARGV[4],
-  'status', 'queued', 'created', ARGV[5], 'deadline', ARGV[6], 'entry', entry,
-  'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0)
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-event(KEYS[3], ARGV[8], 'type', 'queued', 'time', ARGV[5])
-return {'ok', entry}
+local ids = {}
+for i = 1, n do
+  local id, spec, job, events = ARGV[6 + 2 * i], ARGV[7 + 2 * i], KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local entry = redis.call('XADD', KEYS[1], '*', 'job', id)
+  redis.call('HSET', job, 'id', id, 'model', ARGV[1], 'owner', ARGV[2], 'spec', spec,
+    'status', 'queued', 'created', ARGV[3], 'deadline', ARGV[4], 'entry', entry,
+    'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0)
+  redis.call('EXPIRE', job, ARGV[6])
+  event(events, ARGV[6], 'type', 'queued', 'time', ARGV[3])
+  table.insert(ids, id)
+end
+if KEYS[2] ~= '' then
+  redis.call('SET', KEYS[2], table.concat(ids, ','), 'EX', ARGV[7])
+end
+return {'ok', table.concat(ids, ',')}
 """
 
 # KEYS: stream, job, events. ARGV: group, now, ttl.
@@ -53,20 +69,47 @@ if status == 'queued' then redis.call('XDEL', KEYS[1], entry) end
 return 'ok'
 """
 
-# KEYS: stream, job, events, dead. ARGV: group, entry, worker, max deliveries, now, ttl, job id, model.
+# KEYS: stream, job, events, dead. ARGV: group, entry, worker, max deliveries, now, ttl, job id, model,
+# claim token, heartbeat key prefix.
+#
+# A delivery counts against max deliveries only when the job's last holder may have died of it: it
+# does not when that worker's heartbeat is still live (it lost the job to a Redis outage or a slow
+# loop, not a crash), and a claim retried after a lost reply (same token) returns the same attempt.
 CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   release(KEYS[1], ARGV[1], ARGV[2])
   return {'missing'}
 end
-local status, attempt, handed, spec, created, deadline = unpack(redis.call('HMGET', KEYS[2],
-  'status', 'attempt', 'handed_back', 'spec', 'created', 'deadline'))
+local status, attempt, handed, spec, created, deadline, started, holder, token = unpack(redis.call(
+  'HMGET', KEYS[2], 'status', 'attempt', 'handed_back', 'spec', 'created', 'deadline', 'started',
+  'worker', 'claim'))
 if TERMINAL[status] then
   release(KEYS[1], ARGV[1], ARGV[2])
   return {'terminal', status}
 end
-attempt = tonumber(attempt)
-local deliveries = attempt - tonumber(handed)
+if not spec then
+  -- Not a job this protocol wrote (a partial hash): fail it rather than the workers that claim it.
+  local reason = 'the job hash has no spec'
+  redis.call('HSET', KEYS[2], 'status', 'failed', 'error', reason, 'finished', ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  event(KEYS[3], ARGV[6], 'type', 'failed', 'error', reason, 'time', ARGV[5])
+  release(KEYS[1], ARGV[1], ARGV[2])
+  return {'dead', reason}
+end
+-- Fields a partial hash may lack take their defaults: no attempt yet, no deadline.
+attempt = tonumber(attempt) or 0
+handed = tonumber(handed) or 0
+created = created or ARGV[5]
+deadline = deadline or 'inf'
+started = started or ''
+if token == ARGV[9] and holder == ARGV[3] then  -- this very claim, retried
+  return {'claimed', tostring(attempt), tostring(attempt - handed), spec, created, deadline, started}
+end
+if attempt > 0 and holder and holder ~= ARGV[3] and redis.call('EXISTS', ARGV[10] .. holder) == 1 then
+  handed = handed + 1  -- its holder is alive: not a delivery that may have killed a worker
+  redis.call('HSET', KEYS[2], 'handed_back', handed)
+end
+local deliveries = attempt - handed
 if deliveries >= tonumber(ARGV[4]) then
   local reason = 'dead-lettered: delivered ' .. deliveries .. ' times without finishing'
   redis.call('HSET', KEYS[2], 'status', 'failed', 'error', reason, 'finished', ARGV[5])
@@ -78,8 +121,8 @@ if deliveries >= tonumber(ARGV[4]) then
   return {'dead', reason}
 end
 attempt = attempt + 1
-redis.call('HSET', KEYS[2], 'attempt', attempt, 'worker', ARGV[3], 'status', 'queued')
-return {'claimed', tostring(attempt), tostring(deliveries + 1), spec, created, deadline}
+redis.call('HSET', KEYS[2], 'attempt', attempt, 'worker', ARGV[3], 'claim', ARGV[9], 'status', 'queued')
+return {'claimed', tostring(attempt), tostring(deliveries + 1), spec, created, deadline, started}
 """
 
 # KEYS: stream, job, events. ARGV: group, entry, attempt, now, ttl.
@@ -91,6 +134,8 @@ if TERMINAL[status] then
   return status
 end
 redis.call('HSET', KEYS[2], 'status', 'running', 'started', ARGV[4], 'step', 0)
+-- A running job outlives its queueing deadline: its hash lives at least the result TTL from now.
+redis.call('EXPIRE', KEYS[2], ARGV[5], 'GT')
 event(KEYS[3], ARGV[5], 'type', 'running', 'attempt', ARGV[3], 'time', ARGV[4])
 return 'running'
 """
@@ -104,6 +149,7 @@ if status ~= 'running' then
   return status
 end
 redis.call('HSET', KEYS[2], 'step', ARGV[4], 'steps', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[7], 'GT')
 event(KEYS[3], ARGV[7], 'type', 'progress', 'step', ARGV[4], 'steps', ARGV[5], 'attempt', ARGV[3],
   'time', ARGV[6])
 return 'running'

@@ -34,8 +34,8 @@ class JobState(BaseModel):
     model: str
     owner: str = ""
     status: JobStatus
-    created: float
-    deadline: float
+    created: float = 0.0  # a partial hash (not written by this protocol) may lack these
+    deadline: float = float("inf")
     started: float | None = None
     finished: float | None = None
     attempt: int = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -32,6 +33,36 @@ class BacklogFull(Exception):
         self.backlog = backlog
 
 
+# Redis answers that say "not now" rather than "wrong": down, loading, out of memory (maxmemory),
+# refusing writes (a replica after a failover, a failed snapshot: MISCONF), no primary.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+)
+_UNAVAILABLE_PREFIXES = (
+    "OOM",
+    "MISCONF",
+    "READONLY",
+    "LOADING",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "BUSY",
+)
+
+
+def unavailable(e: BaseException) -> bool:
+    """Whether a Redis error means "try again later" (also as a script's error, which keeps its code)."""
+    if isinstance(e, UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(e, redis.ResponseError) and str(e).startswith(_UNAVAILABLE_PREFIXES)
+
+
 def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
     """A client that retries a command on a dropped connection, with exponential backoff; callers
     still see ConnectionError while Redis stays down, and try again later."""
@@ -52,6 +83,23 @@ def text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@dataclass(frozen=True)
+class EnqueueCall:
+    model: str
+    job_ids: list[str]
+    keys: list[str]
+    args: list[Any]
+
+    def result(self, reply: Any) -> list[str]:
+        """The job ids from the script's reply (those of the first call, for a replayed one)."""
+        outcome, detail = (text(part) for part in reply)
+        if outcome == "full":
+            raise BacklogFull(self.model, int(detail))
+        if outcome == "exists" and detail:  # the idempotency key's first call
+            return detail.split(",")
+        return self.job_ids
+
+
 def backlog(client: redis.Redis, model: str) -> int:
     """Jobs of a model queued or held by a worker (acknowledged entries are deleted from the stream)."""
     return int(client.xlen(keys.jobs(model)))
@@ -65,11 +113,13 @@ class JobStore:
         result_ttl_s: int = 3600,
         max_backlog: int = 1000,
         job_timeout_s: float = 600,
+        idempotency_ttl_s: int = 24 * 3600,
     ) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self.max_backlog = max_backlog
         self.job_timeout_s = job_timeout_s
+        self.idempotency_ttl_s = idempotency_ttl_s
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
         self._cancel = client.register_script(SCRIPTS["cancel"])
 
@@ -80,6 +130,7 @@ class JobStore:
             result_ttl_s=settings.result_ttl_s,
             max_backlog=settings.max_backlog,
             job_timeout_s=settings.job_timeout_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
         )
 
     def enqueue(
@@ -91,29 +142,57 @@ class JobStore:
         timeout_s: float | None = None,
         job_id: str | None = None,
     ) -> str:
-        """Checks the backlog, adds the job to the model's stream and creates its hash, atomically;
-        returns the job id. The request carries its seed (`request.resolve` drew it), so every attempt
-        draws the same image. Retrying with the same `job_id` does not add it twice."""
+        """One job: `enqueue_many` of one request; returns its id."""
+        ids = [job_id] if job_id is not None else None
+        return self.enqueue_many(model, [request], owner=owner, timeout_s=timeout_s, job_ids=ids)[0]
+
+    def enqueue_many(
+        self,
+        model: str,
+        requests: list[GenerationRequest],
+        *,
+        owner: str = "",
+        timeout_s: float | None = None,
+        job_ids: list[str] | None = None,
+        idempotency_key: str = "",
+    ) -> list[str]:
+        """Adds one job per request to the model's stream and creates their hashes, all or none, in one
+        atomic step that first checks the backlog (BacklogFull); returns the job ids. Each request
+        carries its seed (`request.plan` drew it), so every attempt draws the same image.
+
+        Retrying is safe: with the same `job_ids`, or the same `idempotency_key` (per owner, kept
+        `idempotency_ttl_s`), nothing is added twice and the first call's ids come back."""
+        call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key)
+        return call.result(self._enqueue(keys=call.keys, args=call.args))
+
+    def enqueue_call(
+        self,
+        model: str,
+        requests: list[GenerationRequest],
+        owner: str = "",
+        timeout_s: float | None = None,
+        job_ids: list[str] | None = None,
+        idempotency_key: str = "",
+    ) -> EnqueueCall:
+        """The enqueue script's keys and arguments (for a caller with a client of its own, e.g. asyncio)."""
         if not keys.MODEL_NAME.match(model):
             raise ValueError(f"invalid model name {model!r}")
-        if request.seed is None:
-            raise ValueError("the request has no seed: resolve it (service.ldm.request.plan) first")
-        job_id = job_id or uuid.uuid4().hex
-        if not keys.JOB_ID.match(job_id):
-            raise ValueError(f"invalid job id {job_id!r}")
+        if not requests or any(r.seed is None for r in requests):
+            raise ValueError("each request needs its seed: plan it (service.ldm.request.plan) first")
+        job_ids = job_ids or [uuid.uuid4().hex for _ in requests]
+        if len(job_ids) != len(requests) or not all(keys.JOB_ID.match(i) for i in job_ids):
+            raise ValueError(f"invalid job ids {job_ids!r}")
         timeout = self.job_timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise ValueError("timeout_s must be positive")
         now = time.time()
         ttl = int(timeout + self.result_ttl_s) + 1
-        reply = self._enqueue(
-            keys=[keys.jobs(model), keys.job(job_id), keys.events(job_id)],
-            args=[job_id, model, owner, request.to_json(), now, now + timeout, self.max_backlog, ttl],
-        )
-        outcome = text(reply[0])
-        if outcome == "full":
-            raise BacklogFull(model, int(reply[1]))
-        return job_id
+        script_keys = [keys.jobs(model), keys.idempotency(owner, idempotency_key) if idempotency_key else ""]
+        args: list[Any] = [model, owner, now, now + timeout, self.max_backlog, ttl, self.idempotency_ttl_s]
+        for job_id, request in zip(job_ids, requests, strict=True):
+            script_keys += [keys.job(job_id), keys.events(job_id)]
+            args += [job_id, request.to_json()]
+        return EnqueueCall(model, job_ids, script_keys, args)
 
     def get(self, job_id: str) -> JobState | None:
         fields = self.redis.hgetall(keys.job(job_id))

@@ -25,7 +25,7 @@ from .ledger import Ledger
 from .metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+REDIS_ERRORS = redis.RedisError
 
 
 class Keeper:
@@ -63,6 +63,8 @@ class Keeper:
         return time.monotonic() - self._beat <= self.settings.stall_timeout_s
 
     def _run(self) -> None:
+        # Renewed 3 times per reclaim window; the heartbeat lives 2 of those, so a dead worker's is gone
+        # before its deliveries are reclaimable (a live holder's heartbeat spares the job a charge).
         interval = self.settings.reclaim_idle_ms / 1000 / 3
         stuck = False
         while not self._stop.is_set():
@@ -81,7 +83,7 @@ class Keeper:
                 log.warning("the worker loop moves again")
                 stuck = False
             try:
-                self._renew(ttl_s=interval * 3)
+                self._renew(ttl_s=interval * 2)
             except REDIS_ERRORS as e:
                 log.debug("keeper: redis unavailable (%s)", e)
             except Exception:

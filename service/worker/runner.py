@@ -13,7 +13,8 @@ One iteration is one denoising step of the running batch (or one wait for work w
    its attempt. Progress (and the read of step 2) goes out on a thread of its own during the next
    step (off the denoising path), in line when members finish (their last event precedes the result).
 
-Every job leaves through `Ledger.leave` (`ledger.py`); the keeper thread (`keeper.py`) renews
+Every job leaves through `Ledger.leave` (`ledger.py`); a step that raises is split (`stepping.py`);
+progress rides `progress.py`; the keeper thread (`keeper.py`) renews
 deliveries and the heartbeat while the loop moves. SIGTERM drains: stop claiming, hand back what
 waits, finish the batch within the grace period, hand back the rest, exit 0.
 """
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
@@ -38,13 +39,14 @@ from ..ldm.images import png_bytes
 from ..ldm.request import GenerationRequest
 from ..queue.delivery import Entry, Lease, WorkerQueue
 from ..queue.states import JobStatus
-from ..queue.store import connect
+from ..queue.store import connect, unavailable
 from ..settings import WorkerSettings
+from . import faults, stepping
 from .adapters import Adapters
-from .faults import inject
 from .keeper import Keeper
 from .ledger import Job, Ledger, Outcome
 from .metrics import WorkerMetrics
+from .progress import Progress, ProgressLine, Sent
 from .scheduler import Candidate, Scheduler
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,7 @@ log = logging.getLogger(__name__)
 IDLE_BLOCK_MS = 500  # an idle worker waits this long on the streams between reclaim scans
 RECLAIM_POLL_S = 0.5
 ADAPTER_POLL_MS = 20
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-Progress = tuple[dict[str, str], list[Entry]]  # each job's status, and the entries read alongside
+REDIS_ERRORS = redis.RedisError  # progress and sign-off are best effort, whatever Redis says
 
 
 class Worker:
@@ -73,10 +74,7 @@ class Worker:
         self._wait_s: float | None = None
         self._next_reclaim = 0.0
         self._read_ahead = False  # the last step's round trip also read new entries
-        # Progress goes out on a thread of its own, during the next step (see _step).
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
-        self._io_queue = self._queue()
-        self._in_flight: tuple[Future[Progress], list[tuple[str, Lease]]] | None = None
+        self.progress = ProgressLine(self._queue())
         self._started = time.time()
 
     def _queue(self) -> WorkerQueue:
@@ -127,24 +125,26 @@ class Worker:
                 self._step()
                 self.ledger.flush()
                 failures = 0
-            except redis.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
-                log.warning("consumer group missing (Redis lost its data?): creating it again")
-                groups_ready = False
-            except REDIS_ERRORS as e:
+            except redis.RedisError as e:
+                if "NOGROUP" in str(e):
+                    log.warning("consumer group missing (Redis lost its data?): creating it again")
+                    groups_ready = False
+                    continue
+                # Down, out of memory, read-only after a failover, or an answer we did not expect: a
+                # worker that exits would only crash-loop; it backs off and tries again.
                 failures += 1
                 self.metrics.redis_errors.inc()
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * (0.5 + random.random() / 2)
-                log.warning("redis unavailable (%s); retrying in %.1f s", e, delay)
+                level = logging.WARNING if unavailable(e) else logging.ERROR
+                log.log(level, "redis: %s; retrying in %.1f s", e or type(e).__name__, delay)
                 if self.draining and self._drain_deadline and time.monotonic() > self._drain_deadline:
                     log.warning("drain deadline passed without redis: leaving the rest to be reclaimed")
                     break
                 time.sleep(delay)
         self.keeper.stop()
         self.adapters.close()
-        self._io.shutdown(wait=True)
-        with contextlib.suppress(*REDIS_ERRORS):
+        self.progress.close()
+        with contextlib.suppress(REDIS_ERRORS):
             self.queue.sign_off()
         log.info("worker %s stopped", self.name)
         return 0
@@ -258,8 +258,10 @@ class Worker:
         lease = job.lease
         f = self.engines[lease.model].config.downsample_factor
         h, w = job.request.height // f, job.request.width // f
-        solo = lease.deliveries > 1
-        self.scheduler.offer(Candidate(job.id, (lease.model, h, w), h * w, lease.deadline, time.time(), solo))
+        group, solo = (lease.model, h, w), lease.deliveries > 1
+        self.scheduler.offer(
+            Candidate(job.id, group, h * w, lease.deadline, time.time(), solo, lease.started)
+        )
 
     def _offer_loaded(self) -> None:
         """Jobs whose adapters have been loaded meanwhile wait to be admitted; a failed load fails its job."""
@@ -294,7 +296,7 @@ class Worker:
                 continue
             assert job.request is not None
             if self.settings.test_faults:
-                inject(job.request.prompt, job.id, job.lease.deliveries, self.settings.stall_timeout_s)
+                faults.inject(job.request.prompt, job.id, job.lease.deliveries, self.settings.stall_timeout_s)
             job.started = time.time()
             self.metrics.queue_wait_seconds.observe(max(0.0, job.started - job.lease.created))
             try:
@@ -304,6 +306,8 @@ class Worker:
                 log.warning("job %s failed to prepare: %s", job.id, e)
                 self.ledger.leave(job, Outcome.raised(e))
                 continue
+            if self.settings.test_faults:
+                faults.poison(job.request.prompt, member)
             self.batch.add(member)
         self.metrics.busy(time.perf_counter() - busy_start)
 
@@ -315,13 +319,13 @@ class Worker:
         active = sum(1 for m in batch.members.values() if not m.done)
         started = time.perf_counter()
         try:
-            finished = batch.step()
-        except Exception as e:  # an engine failure we cannot pin on one member fails its batch
-            log.exception("denoising step failed")
-            self._collect_progress()
-            failed = Outcome.raised(e, "denoising failed: ")
-            self.ledger.leave_all([self.ledger.jobs[str(key)] for key in list(batch.members)], failed)
-            return
+            stepped = stepping.step(batch)  # a member that fails alone fails alone
+        except stepping.DeviceLost as e:
+            log.critical("the device is lost (%s): exiting, so that other workers take the jobs", e)
+            os._exit(3)
+        for key, error in stepped.failed.items():
+            self.ledger.leave(self.ledger.jobs[str(key)], Outcome.raised(error, "denoising failed: "))
+        finished = stepped.finished
         elapsed = time.perf_counter() - started
         if active:
             self.metrics.batch_size.observe(active)
@@ -339,17 +343,12 @@ class Worker:
         self._read_ahead = free > 0
         if not finished and len(batch):
             # Off the critical path: the round trip overlaps the next step's UNet call.
-            self._in_flight = (self._io.submit(self._io_queue.progress_and_read, items, models, free), sent)
+            self.progress.send_later(items, sent, models, free)
             self.metrics.busy(elapsed)
             return
         # In line when members finish (their last progress event must precede their result) and
         # when the batch empties (nothing stays in flight while the worker waits for work).
-        try:
-            progress = self.queue.progress_and_read(items, models, free)
-        except REDIS_ERRORS as e:  # progress is best effort; results wait in the outbox
-            log.warning("progress not published: %s", e)
-            progress = ({}, [])
-        left = self._apply_progress(sent, progress)
+        left = self._apply_progress(*self.progress.send_now(self.queue, items, sent, models, free))
         done = [m for m in finished if str(m.key) not in left]
         if done:
             decode_start = time.perf_counter()
@@ -359,18 +358,9 @@ class Worker:
 
     def _collect_progress(self) -> set[str]:
         """Applies the progress round trip in flight, if any; returns the jobs that left."""
-        if self._in_flight is None:
-            return set()
-        future, sent = self._in_flight
-        self._in_flight = None
-        try:
-            progress = future.result()
-        except REDIS_ERRORS as e:  # progress is best effort
-            log.warning("progress not published: %s", e)
-            return set()
-        return self._apply_progress(sent, progress)
+        return self._apply_progress(*self.progress.collect())
 
-    def _apply_progress(self, sent: list[tuple[str, Lease]], progress: Progress) -> set[str]:
+    def _apply_progress(self, sent: Sent, progress: Progress) -> set[str]:
         """Jobs no longer `running` (cancelled, superseded) leave the batch; new entries are taken."""
         statuses, entries = progress
         left = set()
@@ -386,13 +376,18 @@ class Worker:
         return left
 
     def _publish(self, jobs: list[Job], latents: list[torch.Tensor]) -> None:
-        """Decodes finished members together; each result goes out at once."""
+        """Decodes finished members together (one by one if that fails); each result goes out at once."""
         engine = self.engines[jobs[0].lease.model]
         try:
             images = engine.decode(torch.cat(latents))
         except Exception as e:
+            if len(jobs) > 1:
+                log.warning("decoding %d images failed (%s): decoding them one by one", len(jobs), e)
+                for job, latent in zip(jobs, latents, strict=True):
+                    self._publish([job], [latent])
+                return
             log.exception("decoding failed")
-            self.ledger.leave_all(jobs, Outcome.raised(e, "decoding failed: "))
+            self.ledger.leave(jobs[0], Outcome.raised(e, "decoding failed: "))
             return
         for job, image in zip(jobs, images, strict=True):
             assert job.request is not None

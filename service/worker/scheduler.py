@@ -10,7 +10,8 @@ A pure object (no Redis, no torch), asked once per step with the current time:
 - At most `max_batch` members and `pixel_budget` latent pixels (a single job over the budget
   still runs, alone).
 - An idle worker holds a lone job at most `max_wait_s` for batch-mates, unless the batch is full.
-- A job whose deadline passed before it started is expired, not run.
+- A job whose deadline passed before it started is expired, not run (one that an earlier attempt had
+  started runs on: a rolling restart must not throw nearly finished work away).
 - A suspect job (delivered before without finishing: its worker may have died of it) runs alone,
   so that a job that kills its worker takes no batch-mates with it; nothing else is taken while
   one is held.
@@ -30,6 +31,7 @@ class Candidate:
     deadline: float
     arrived: float  # when this worker got it
     solo: bool = False
+    started_before: bool = False  # an earlier attempt started it: past its deadline it still runs
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Scheduler:
         return taken
 
     def decide(self, now: float, draining: bool = False) -> Decision:
-        expire = [c for c in self.waiting.values() if c.deadline <= now]
+        expire = [c for c in self.waiting.values() if c.deadline <= now and not c.started_before]
         for c in expire:
             del self.waiting[c.key]
         if draining or not self.waiting:

@@ -1,0 +1,89 @@
+"""What the gateway answers when Redis misbehaves, with no worker: an answer always carries the job ids
+it knows (a blind retry would run accepted jobs twice), `Idempotency-Key` makes a retry safe, and Redis
+refusing writes (out of memory) is a 503 with Retry-After, never a 500."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from service.gateway.grpc_gen import ldm_pb2 as pb
+from service.gateway.grpc_gen import ldm_pb2_grpc as pb_grpc
+from service.queue import keys
+
+from .gateway_env import GatewayProcess, write_tiny_own_model
+from .redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+BODY = {"prompt": "a red circle", "steps": 2, "n": 2}
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[RedisServer, GatewayProcess]]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    model = write_tiny_own_model(tmp_path / "model")
+    gateway = GatewayProcess(server.url, {"tiny": model}, tmp_path, {"LDM_REQUEST_TIMEOUT_S": "20"})
+    try:
+        yield server, gateway.start()
+    finally:
+        gateway.stop()
+        server.kill()
+        print(gateway.log()[-3000:])
+
+
+def test_an_idempotency_key_enqueues_once(stack: tuple[RedisServer, GatewayProcess]) -> None:
+    server, gateway = stack
+    headers = {"Prefer": "respond-async", "Idempotency-Key": "order-17"}
+    first = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, headers=headers)
+    again = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in first.json()["jobs"]]
+    assert server.client().xlen(keys.jobs("tiny")) == 2
+    with grpc.insecure_channel(gateway.grpc_target) as channel:  # the same on gRPC (metadata)
+        stub = pb_grpc.ImagesStub(channel)
+        metadata = (("idempotency-key", "grpc-1"),)
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError):
+                stub.Generate(pb.GenerateRequest(prompt="x", steps=2), timeout=0.5, metadata=metadata)
+    assert server.client().xlen(keys.jobs("tiny")) == 3
+
+
+def test_redis_out_of_memory_is_503_with_retry_after(stack: tuple[RedisServer, GatewayProcess]) -> None:
+    server, gateway = stack
+    client = server.client()
+    client.config_set("maxmemory", 1)  # every write refused: OOM
+    try:
+        reply = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, headers={"Prefer": "respond-async"})
+    finally:
+        client.config_set("maxmemory", 0)
+    assert reply.status_code == 503 and "Retry-After" in reply.headers, reply.text
+    assert len(reply.json()["job_ids"]) == 2  # it does not know whether they went in: it says which
+    assert client.xlen(keys.jobs("tiny")) == 0
+    for job_id in reply.json()["job_ids"]:
+        assert httpx.get(f"{gateway.url}/v1/jobs/{job_id}").status_code == 404  # so: not enqueued
+
+
+def test_redis_lost_during_a_wait_answers_the_job_ids(stack: tuple[RedisServer, GatewayProcess]) -> None:
+    server, gateway = stack
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, timeout=60))
+    )
+    waiting.start()
+    client = server.client()
+    deadline = time.monotonic() + 10
+    while client.xlen(keys.jobs("tiny")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.kill()  # the jobs were accepted (and would run on once Redis is back)
+    waiting.join(timeout=60)
+    [reply] = answers
+    assert reply.status_code == 503, reply.text
+    assert len(reply.json()["job_ids"]) == 2 and reply.headers["x-should-retry"] == "false"
+    assert reply.headers["location"] == f"/v1/jobs/{reply.json()['job_ids'][0]}"
