@@ -168,6 +168,9 @@ class GatewaySettings(QueueSettings):
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429 (queue full)")
+    expiry_sweep_s: float = Field(
+        2.0, gt=0, description="how often queued jobs past their deadline are expired (one gateway at a time)"
+    )
     sse_keepalive_s: float = Field(15.0, gt=0, description="comment sent on a quiet event stream")
 
     _parse_models = field_validator("models", mode="before")(_parse_models)

@@ -87,3 +87,29 @@ def test_redis_lost_during_a_wait_answers_the_job_ids(stack: tuple[RedisServer, 
     assert reply.status_code == 503, reply.text
     assert len(reply.json()["job_ids"]) == 2 and reply.headers["x-should-retry"] == "false"
     assert reply.headers["location"] == f"/v1/jobs/{reply.json()['job_ids'][0]}"
+
+
+def test_an_overdue_job_expires_with_no_worker_alive(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    model = write_tiny_own_model(tmp_path / "model")
+    env = {"LDM_JOB_TIMEOUT_S": "0.5", "LDM_EXPIRY_SWEEP_S": "0.2"}
+    gateways = [GatewayProcess(server.url, {"tiny": model}, tmp_path, env).start() for _ in range(2)]
+    try:
+        reply = httpx.post(f"{gateways[0].url}/v1/txt2img", json=BODY, headers={"Prefer": "respond-async"})
+        ids = [j["id"] for j in reply.json()["jobs"]]
+        with httpx.stream("GET", f"{gateways[1].url}/v1/jobs/{ids[0]}/events", timeout=10) as events:
+            types = [
+                line.removeprefix("event: ") for line in events.iter_lines() if line.startswith("event:")
+            ]
+        assert types == ["queued", "expired"]  # the stream ends
+        for job_id in ids:
+            state = httpx.get(f"{gateways[0].url}/v1/jobs/{job_id}").json()
+            assert state["status"] == "expired" and state["error"] == "deadline passed before the job started"
+        assert server.client().xlen(keys.jobs("tiny")) == 0
+        logs = "".join(g.log() for g in gateways)
+        assert logs.count("queued jobs expired") >= 1
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        server.kill()

@@ -8,6 +8,7 @@ No torch here, or in anything this imports: the gateway starts in well under a s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from .metrics import GatewayMetrics
 from .middleware import BodyLimit, RequestMetrics
 from .openapi import configure_openapi
 from .routes_page import mount_page
+from .sweeper import sweep_forever
 
 log = logging.getLogger(__name__)
 GRPC_GRACE_S = 5.0
@@ -65,9 +67,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         server: grpc.aio.Server | None = None
         if settings.grpc_port:
             server, _port = await start_grpc(gateway, settings.host, settings.grpc_port)
+        sweeper = asyncio.create_task(sweep_forever(gateway.jobs.store, catalog, settings.expiry_sweep_s))
         try:
             yield
         finally:
+            sweeper.cancel()
             if server is not None:
                 await server.stop(GRPC_GRACE_S)
             await gateway.jobs.client.aclose()

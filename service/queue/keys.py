@@ -8,6 +8,7 @@
 | `ldm:events:<id>` | stream | progress and status events of one job, with a TTL (late readers replay it) |
 | `ldm:dead:<model>` | stream | dead-lettered jobs (field `job`, `reason`, `attempts`) |
 | `ldm:worker:<name>` | string | a live worker's heartbeat (JSON), expires when the worker stops renewing it |
+| `ldm:sweeper` | string | lock of the one gateway that expires overdue queued jobs, with a TTL |
 | `ldm:idem:<owner>:<sha256>` | string | the job ids an `Idempotency-Key` was answered with (TTL) |
 
 Keys are not hash-tagged: the protocol assumes one Redis (or a primary with replicas), not a cluster.
@@ -57,3 +58,4 @@ def worker(name: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+SWEEPER = f"{PREFIX}:sweeper"  # lock: which gateway expires overdue queued jobs now

@@ -210,6 +210,21 @@ end
 return stale
 """
 
+# A queued job past its deadline that no worker started, expired where it waits (no worker needed).
+# KEYS: stream, job, events. ARGV: group, entry, now, ttl.
+EXPIRE = """
+local status, deadline, started = unpack(redis.call('HMGET', KEYS[2], 'status', 'deadline', 'started'))
+if status ~= 'queued' or started or not deadline or tonumber(deadline) > tonumber(ARGV[3]) then
+  return 'kept'
+end
+local reason = 'deadline passed before the job started'
+redis.call('HSET', KEYS[2], 'status', 'expired', 'finished', ARGV[3], 'error', reason)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+event(KEYS[3], ARGV[4], 'type', 'expired', 'error', reason, 'time', ARGV[3])
+release(KEYS[1], ARGV[1], ARGV[2])
+return 'expired'
+"""
+
 SCRIPTS = {
     name: _PRELUDE + body
     for name, body in {
@@ -221,5 +236,6 @@ SCRIPTS = {
         "finish": FINISH,
         "hand_back": HAND_BACK,
         "refresh": REFRESH,
+        "expire": EXPIRE,
     }.items()
 }

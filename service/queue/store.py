@@ -122,6 +122,7 @@ class JobStore:
         self.idempotency_ttl_s = idempotency_ttl_s
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
         self._cancel = client.register_script(SCRIPTS["cancel"])
+        self._expire = client.register_script(SCRIPTS["expire"])
 
     @classmethod
     def from_settings(cls, settings: QueueSettings) -> JobStore:
@@ -242,6 +243,36 @@ class JobStore:
 
     def backlog(self, model: str) -> int:
         return backlog(self.redis, model)
+
+    def sweep_lock(self, holder: str, lock_ms: int) -> bool:
+        """Takes (or keeps) the lock of the one sweeper; False while another holds it."""
+        if self.redis.set(keys.SWEEPER, holder, nx=True, px=lock_ms):
+            return True
+        return text(self.redis.get(keys.SWEEPER)) == holder and bool(
+            self.redis.pexpire(keys.SWEEPER, lock_ms)
+        )
+
+    def expire_overdue(self, model: str, limit: int = 10_000) -> int:
+        """Expires the model's queued jobs past their deadline that no worker started, so that they end
+        (and their event streams) even with no worker alive; returns how many. Callers hold the sweep
+        lock, so that one place does it at a time."""
+        now = time.time()
+        entries = cast(Any, self.redis.xrange(keys.jobs(model), count=limit))
+        ids = [(text(entry_id), text(fields.get(b"job"))) for entry_id, fields in entries]
+        pipe = self.redis.pipeline(transaction=False)
+        for _, job_id in ids:
+            pipe.hmget(keys.job(job_id), "deadline", "status")
+        overdue = [
+            (entry, job_id)
+            for (entry, job_id), (deadline, status) in zip(ids, pipe.execute(), strict=True)
+            if text(status) == "queued" and deadline is not None and float(deadline) <= now
+        ]
+        expired = 0
+        for entry, job_id in overdue:
+            script_keys = [keys.jobs(model), keys.job(job_id), keys.events(job_id)]
+            reply = self._expire(keys=script_keys, args=[keys.GROUP, entry, now, self.result_ttl_s])
+            expired += text(reply) == "expired"
+        return expired
 
     def dead_letters(self, model: str, count: int = 100) -> list[dict[str, str]]:
         entries = cast(Any, self.redis.xrange(keys.dead(model), count=count))
