@@ -214,7 +214,8 @@ def _redis_child(args: argparse.Namespace, env: dict[str, str]) -> Child:
         raise SystemExit("ldm up: error: redis-server is not installed (./dev setup installs it)")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     command = [server, "--port", str(args.redis_port), "--bind", "127.0.0.1", "--protected-mode", "yes"]
-    command += ["--dir", str(args.data_dir.resolve()), "--appendonly", "yes", "--save", ""]
+    command += ["--dir", str(args.data_dir.resolve()), "--save", ""]
+    command += ["--appendonly", "yes", "--appendfsync", "always"]  # an accepted job survives a crash
     return Child("redis", command, env)
 
 
