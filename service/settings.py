@@ -31,7 +31,24 @@ class QueueSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LDM_", extra="forbid")
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: Any) -> Any:
+        return (
+            [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+        )
+
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the Redis holding the job queue")
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Redis Sentinel addresses, host:port,... (then the primary is the one they name for "
+        "redis_master, and redis_url is not used)",
+    )
+    redis_master: str = Field("ldm", description="the primary's name in Sentinel")
+    redis_min_replicas: int = Field(
+        0, ge=0, description="replicas that must confirm an accepted job, a cancel or a result (WAIT)"
+    )
+    redis_wait_ms: int = Field(1000, ge=1, description="how long a write waits for those replicas")
     result_ttl_s: int = Field(3600, ge=1, description="how long results, job hashes and events outlive a job")
     job_timeout_s: float = Field(
         600.0, gt=0, description="default deadline: a job not started within this is expired, not run"

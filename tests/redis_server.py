@@ -22,11 +22,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         if not Path(REDIS_SERVER).exists():
             pytest.skip("redis-server is not installed (./dev setup installs it)")
         self.folder = folder
         self.port = port or free_port()
+        self.extra = list(extra)  # more redis-server arguments (e.g. --replicaof HOST PORT)
         self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -53,6 +54,7 @@ class RedisServer:
                 "",
                 "--protected-mode",
                 "yes",
+                *self.extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -86,3 +88,35 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)
+
+
+class SentinelServer:
+    """A Redis Sentinel (the same redis-server binary) watching `master` on loopback, with timings cut
+    down for tests: down after 500 ms, failover within seconds."""
+
+    def __init__(self, folder: Path, master: str, primary_port: int, quorum: int = 2) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.port = free_port()
+        conf = folder / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master} 500\n"
+            f"sentinel failover-timeout {master} 3000\n"
+            f"sentinel parallel-syncs {master} 1\n"
+        )
+        log = open(folder / "sentinel.log", "ab")  # noqa: SIM115 - the server writes it while it runs
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import grpc
-import redis.asyncio
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from ..queue.connection import async_client_for
 from ..queue.store import JobStore
 from ..settings import GatewaySettings, gateway_settings
 from . import routes_images, routes_jobs, routes_meta
@@ -49,7 +49,7 @@ each with its own id. With API keys set (`LDM_API_KEYS`), send `Authorization: B
 def build_gateway(settings: GatewaySettings, metrics: GatewayMetrics, catalog: Catalog) -> Gateway:
     store = JobStore.from_settings(settings)
     # Blocking reads wait up to jobs.BLOCK_S: the socket timeout must outlast them.
-    client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=2)
+    client = async_client_for(settings)
     jobs = JobService(store, client, settings.retry_after_s)
     metrics.watch_queue(lambda: jobs.queue_gauges(catalog.names()))
     return Gateway(settings, catalog, jobs, metrics)

@@ -71,8 +71,12 @@ class JobService:
         thread: a burst of refusals costs one round trip each); 429 when the backlog has no room."""
         call = self.store.enqueue_call(model, requests, owner, idempotency_key=idempotency_key)
         try:
-            reply = await self._enqueue(keys=call.keys, args=call.args)
-            return call.result(reply)
+            job_ids = call.result(await self._enqueue(keys=call.keys, args=call.args))
+            if self.store.min_replicas:  # an answered job survives the loss of the primary
+                self.store.replicated(
+                    await self.client.wait(self.store.min_replicas, self.store.replica_wait_ms)
+                )
+            return job_ids
         except BacklogFull as e:
             raise self._full(model, e.backlog) from None
         except redis.RedisError as e:

@@ -75,12 +75,16 @@ class WorkerQueue:
         *,
         max_deliveries: int = 3,
         result_ttl_s: int = 3600,
+        min_replicas: int = 0,
+        replica_wait_ms: int = 1000,
     ) -> None:
         self.redis = client
         self.worker = worker
         self.models = list(models)
         self.max_deliveries = max_deliveries
         self.result_ttl_s = result_ttl_s
+        self.min_replicas = min_replicas
+        self.replica_wait_ms = replica_wait_ms
         self._cursors: dict[str, str] = {}
         self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
 
@@ -225,6 +229,12 @@ class WorkerQueue:
                 png,
             ],
         )
+        if self.min_replicas and text(reply) == "ok":
+            acked = int(self.redis.wait(self.min_replicas, self.replica_wait_ms))
+            if acked < self.min_replicas:  # a failover now could lose it: the job would run again
+                log.warning(
+                    "job %s: result confirmed by %d of %d replicas", lease.job_id, acked, self.min_replicas
+                )
         return text(reply)
 
     def hand_back(self, leases: Sequence[Lease]) -> list[str]:

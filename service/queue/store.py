@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from ..ldm.request import GenerationRequest
 from . import keys
+from .connection import UNAVAILABLE_ERRORS, NotReplicated, client_for, connect, unavailable
 from .scripts import SCRIPTS
 from .states import JobState, JobStatus
 
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
     from ..settings import QueueSettings
 
 log = logging.getLogger(__name__)
+__all__ = ["UNAVAILABLE_ERRORS", "BacklogFull", "JobStore", "backlog", "connect", "text", "unavailable"]
 
 
 class BacklogFull(Exception):
@@ -31,49 +31,6 @@ class BacklogFull(Exception):
         super().__init__(f"the queue of model {model!r} is full ({backlog} jobs waiting or running)")
         self.model = model
         self.backlog = backlog
-
-
-# Redis answers that say "not now" rather than "wrong": down, loading, out of memory (maxmemory),
-# refusing writes (a replica after a failover, a failed snapshot: MISCONF), no primary.
-UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.MasterDownError,
-    redis.exceptions.TryAgainError,
-)
-_UNAVAILABLE_PREFIXES = (
-    "OOM",
-    "MISCONF",
-    "READONLY",
-    "LOADING",
-    "MASTERDOWN",
-    "NOREPLICAS",
-    "TRYAGAIN",
-    "BUSY",
-)
-
-
-def unavailable(e: BaseException) -> bool:
-    """Whether a Redis error means "try again later" (also as a script's error, which keeps its code)."""
-    if isinstance(e, UNAVAILABLE_ERRORS):
-        return True
-    return isinstance(e, redis.ResponseError) and str(e).startswith(_UNAVAILABLE_PREFIXES)
-
-
-def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
-    """A client that retries a command on a dropped connection, with exponential backoff; callers
-    still see ConnectionError while Redis stays down, and try again later."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=2.0,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30,
-    )
 
 
 def text(value: bytes | str | None) -> str:
@@ -114,12 +71,16 @@ class JobStore:
         max_backlog: int = 1000,
         job_timeout_s: float = 600,
         idempotency_ttl_s: int = 24 * 3600,
+        min_replicas: int = 0,
+        replica_wait_ms: int = 1000,
     ) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self.max_backlog = max_backlog
         self.job_timeout_s = job_timeout_s
         self.idempotency_ttl_s = idempotency_ttl_s
+        self.min_replicas = min_replicas
+        self.replica_wait_ms = replica_wait_ms
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
         self._cancel = client.register_script(SCRIPTS["cancel"])
         self._expire = client.register_script(SCRIPTS["expire"])
@@ -127,11 +88,13 @@ class JobStore:
     @classmethod
     def from_settings(cls, settings: QueueSettings) -> JobStore:
         return cls(
-            connect(settings.redis_url),
+            client_for(settings),
             result_ttl_s=settings.result_ttl_s,
             max_backlog=settings.max_backlog,
             job_timeout_s=settings.job_timeout_s,
             idempotency_ttl_s=settings.idempotency_ttl_s,
+            min_replicas=settings.redis_min_replicas,
+            replica_wait_ms=settings.redis_wait_ms,
         )
 
     def enqueue(
@@ -164,7 +127,21 @@ class JobStore:
         Retrying is safe: with the same `job_ids`, or the same `idempotency_key` (per owner, kept
         `idempotency_ttl_s`), nothing is added twice and the first call's ids come back."""
         call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key)
-        return call.result(self._enqueue(keys=call.keys, args=call.args))
+        ids = call.result(self._enqueue(keys=call.keys, args=call.args))
+        self.replicated(
+            int(self.redis.wait(self.min_replicas, self.replica_wait_ms)) if self.min_replicas else 0
+        )
+        return ids
+
+    def wait_for_replicas(self) -> None:
+        """NotReplicated when fewer replicas than `min_replicas` confirm the writes so far (WAIT)."""
+        if self.min_replicas:
+            self.replicated(int(self.redis.wait(self.min_replicas, self.replica_wait_ms)))
+
+    def replicated(self, acked: int) -> None:
+        if acked < self.min_replicas:
+            wanted, within = self.min_replicas, self.replica_wait_ms
+            raise NotReplicated(f"{acked} of {wanted} replicas confirmed the write within {within} ms")
 
     def enqueue_call(
         self,
@@ -225,6 +202,7 @@ class JobStore:
                 args=[keys.GROUP, time.time(), self.result_ttl_s],
             )
         )
+        self.wait_for_replicas()
         if reply == "missing":
             return None
         return JobStatus.CANCELLED if reply == "ok" else JobStatus(reply)

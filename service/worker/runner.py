@@ -37,9 +37,9 @@ from ..ldm.batch import DenoisingBatch
 from ..ldm.engine import Engine
 from ..ldm.images import png_bytes
 from ..ldm.request import GenerationRequest
+from ..queue.connection import client_for, unavailable
 from ..queue.delivery import Entry, Lease, WorkerQueue
 from ..queue.states import JobStatus
-from ..queue.store import connect, unavailable
 from ..settings import WorkerSettings
 from . import faults, stepping
 from .adapters import Adapters
@@ -80,11 +80,13 @@ class Worker:
     def _queue(self) -> WorkerQueue:
         s = self.settings
         return WorkerQueue(
-            connect(s.redis_url),
+            client_for(s),
             self.name,
             list(self.engines),
             max_deliveries=s.max_deliveries,
             result_ttl_s=s.result_ttl_s,
+            min_replicas=s.redis_min_replicas,
+            replica_wait_ms=s.redis_wait_ms,
         )
 
     def _status(self) -> dict[str, Any]:
