@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from ..queue.store import JobStore
 from ..settings import GatewaySettings, gateway_settings
-from . import openai_api, routes_images, routes_jobs, routes_meta
+from . import a1111_api, openai_api, routes_images, routes_jobs, routes_meta
 from .catalog import Catalog
 from .errors import GatewayError, InvalidField
 from .generation import Gateway
@@ -83,7 +83,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error(metrics))
     app.add_exception_handler(HTTPException, _http_error(metrics))
     app.state.url_signer = UrlSigner(settings.url_secret.get_secret_value(), settings.url_ttl_s)
-    for module in (routes_images, routes_jobs, routes_meta, openai_api):
+    for module in (routes_images, routes_jobs, routes_meta, openai_api, a1111_api):
         app.include_router(module.router)
     configure_openapi(app, settings, [info.config.downsample_factor for info in catalog.infos()])
     return app
