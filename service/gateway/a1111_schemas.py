@@ -91,9 +91,10 @@ def match_checkpoint(value: str, names: list[str]) -> str | None:
 
 
 class Txt2ImgA1111(BaseModel):
-    """POST /sdapi/v1/txt2img. Absent or null fields take the model's defaults; `seed` -1 is random."""
+    """POST /sdapi/v1/txt2img. Absent or null fields take the model's defaults; `seed` -1 is random.
+    Strict about types (no "5" for 5), as the native API; fields not listed are accepted and ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str = ""
     negative_prompt: str | None = None

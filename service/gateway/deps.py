@@ -23,7 +23,11 @@ class DeclaredBasic(HTTPBasic):
         return None
 
 
-basic = DeclaredBasic(auto_error=False, description="any user name, an API key from LDM_API_KEYS as password")
+basic = DeclaredBasic(
+    scheme_name="HTTPBasic",
+    auto_error=False,
+    description="any user name, an API key from LDM_API_KEYS as password",
+)
 
 
 def get_gateway(request: Request) -> Gateway:

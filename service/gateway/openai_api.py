@@ -196,6 +196,7 @@ async def edits(request: Request, gateway: GatewayDep, owner: Caller, signer: Si
     "/v1/images/files/{name}",
     responses={
         200: {"content": {"image/png": {}}, "description": "the PNG"},
+        400: {"model": OpenAIError, "description": "a malformed link"},
         404: {"model": OpenAIError, "description": "no such image, or a link not signed here"},
         410: {"model": OpenAIError, "description": "the link has expired"},
     },

@@ -72,7 +72,10 @@ class ImageOptions(BaseModel):
 
 
 class ImageGenerationCreate(ImageOptions):
-    """POST /v1/images/generations (JSON)."""
+    """POST /v1/images/generations (JSON: strict about types, as the native API; the edits' form
+    fields are text)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageEditFields(ImageOptions):
