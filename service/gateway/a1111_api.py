@@ -151,7 +151,7 @@ async def _checkpoint(gateway: Gateway, owner: str, override: dict[str, Any] | N
     """The model of a request: `override_settings`, else the key's option, else the default (None)."""
     names = gateway.catalog.names()
     wanted = (override or {}).get(CHECKPOINT)
-    if wanted is None:
+    if wanted is None or wanted == "":
         stored = (await gateway.jobs.owner_options(owner)).get(CHECKPOINT)
         return stored if stored in names else None
     if not isinstance(wanted, str):
@@ -178,7 +178,7 @@ async def set_options(
     """Sets the caller's checkpoint (`sd_model_checkpoint`: a title from /sdapi/v1/sd-models); other
     options are accepted and ignored."""
     wanted = options.get(CHECKPOINT)
-    if wanted is not None:
+    if wanted is not None and wanted != "":
         name = match_checkpoint(wanted, gateway.catalog.names()) if isinstance(wanted, str) else None
         if name is None:
             raise RequestError(CHECKPOINT, f"no model {wanted!r}; see /sdapi/v1/sd-models")
