@@ -200,8 +200,9 @@ def test_librechat_gpt_image_1(stack: Stack) -> None:
             assert image.format == output_format.upper() and image.size == (32, 32)
         # image_edit_oai: axios multipart, every referenced image as `image[]`.
         form = {"model": "gpt-image-1", "prompt": "make it red", "quality": "auto", "size": "auto"}
-        files = [("image[]", (name, png_bytes((24, 16), (c, c, c)), "image/png"))
+        files = [("image[]", (name, png_bytes((30, 18), (c, c, c)), "image/png"))
                  for name, c in (("a.png", 40), ("b.png", 90))]  # fmt: skip
         reply = http.post(f"{base}images/edits", data=form, files=files, headers=headers)
         assert reply.status_code == 200, reply.text
-        assert decoded(base64.b64decode(reply.json()["data"][0]["b64_json"])).size == (24, 16)  # the image's
+        # `auto`: the image's size, rounded down to the model's multiple (4).
+        assert decoded(base64.b64decode(reply.json()["data"][0]["b64_json"])).size == (28, 16)

@@ -188,8 +188,20 @@ async def edits(request: Request, gateway: GatewayDep, owner: Caller, signer: Si
             mask_png = await asyncio.to_thread(uploads.alpha_mask_png, await mask.read(), "mask", limit)
             if image_size(mask_png, "mask") != image_size(init, "image"):
                 raise RequestError("mask", "must have the size of the image")
-    generation = _request(body, init, mask_png, body.strength)
+    size = _fitted(gateway, body.model, image_size(init, "image")) if body.size in (None, "auto") else None
+    generation = _request(body, init, mask_png, body.strength, size)
     return await _answer("image_edit", body, generation, request, gateway, owner, signer)
+
+
+def _fitted(gateway: Gateway, model: str | None, size: tuple[int, int]) -> tuple[int, int] | None:
+    """An edit's `auto` size: the image's, rounded down to the model's size multiple (OpenAI takes
+    images of any size; the init image is resized to it)."""
+    info = gateway.catalog.get(served_model(gateway.settings, model) or gateway.catalog.default)
+    if info is None:
+        return None  # an unknown model: refused by submit
+    multiple = info.config.downsample_factor
+    width, height = (max(multiple, side // multiple * multiple) for side in size)
+    return width, height
 
 
 @router.get(
@@ -251,11 +263,15 @@ def served_model(settings: GatewaySettings, name: str | None) -> str | None:
 
 
 def _request(
-    options: ImageOptions, init: bytes | None = None, mask: bytes | None = None, strength: float | None = None
+    options: ImageOptions,
+    init: bytes | None = None,
+    mask: bytes | None = None,
+    strength: float | None = None,
+    size: tuple[int, int] | None = None,
 ) -> GenerationRequest:
     if options.background == "transparent":
         raise RequestError("background", "transparent backgrounds are not supported: images here are opaque")
-    width = height = None
+    width, height = size or (None, None)
     if options.size not in (None, "auto"):
         width, height = (int(side) for side in options.size.split("x"))
     values = options.model_dump(include=EXTENSIONS | {"prompt"})

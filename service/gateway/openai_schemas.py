@@ -39,7 +39,7 @@ class ImageOptions(BaseModel):
         default=None,
         pattern=SIZE.pattern,
         description="WIDTHxHEIGHT, multiples of the model's factor; `auto`: the model's native size "
-        "(edits: the image's)",
+        "(edits: the image's, rounded down to the factor)",
     )
     response_format: Literal["b64_json", "url"] | None = Field(
         default=None,
