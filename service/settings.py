@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .ldm.request import (
@@ -97,6 +97,21 @@ def _parse_models(value: Any) -> Any:
             raise ValueError(f"expected NAME=PATH, got {item!r}")
         models[name.strip()] = path.strip()
     return models
+
+
+def _parse_aliases(value: Any) -> Any:
+    """`dall-e-3=sd15,gpt-image-1` (a bare name: the default model) or a JSON object."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    pairs = (part.partition("=") for part in text.split(",") if part.strip())
+    return {alias.strip(): target.strip() for alias, _, target in pairs}
+
+
+# OpenAI's image models: their names reach the default model unless LDM_MODEL_ALIASES says otherwise.
+OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 
 
 def _check_model_names(value: dict[str, Path]) -> dict[str, Path]:
@@ -189,9 +204,34 @@ class GatewaySettings(QueueSettings):
         2.0, gt=0, description="how often queued jobs past their deadline are expired (one gateway at a time)"
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="comment sent on a quiet event stream")
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: dict.fromkeys(OPENAI_IMAGE_MODELS, ""),
+        description="other names for served models, for the OpenAI API (`model`); "
+        "'dall-e-3=sd15,gpt-image-1' or JSON, a name without a target means the default model; "
+        "default: OpenAI's image model names to the default model",
+    )
+    url_secret: SecretStr = Field(
+        SecretStr(""),
+        description="key signing the OpenAI API's image links (HMAC-SHA256); empty: a random one per "
+        "process, so links die with it and work only on the gateway that made them",
+    )
+    url_ttl_s: int = Field(3600, ge=1, description="how long an image link of the OpenAI API works")
+    public_url: str = Field(
+        "", description="this gateway's address as clients reach it, for image links; empty: the request's"
+    )
 
     _parse_models = field_validator("models", mode="before")(_parse_models)
     _names = field_validator("models")(_check_model_names)
+    _parse_aliases = field_validator("model_aliases", mode="before")(_parse_aliases)
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _aliases_name_served_models(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        models = info.data.get("models", {})
+        for alias, target in value.items():
+            if target and target not in models:
+                raise ValueError(f"alias {alias!r} names {target!r}, which is not in models")
+        return value
 
     def limits(self) -> Limits:
         """The request limits this gateway serves (checked by `service.ldm.request.resolve`)."""

@@ -16,8 +16,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "gateway",
         help="serve the HTTP and gRPC API (jobs go to the Redis queue)",
         description=(
-            "Serve POST /v1/txt2img, /v1/img2img, /v1/jobs, /v1/models, /metrics and the gRPC service "
-            "ldm.v1.Images. Every option also reads an environment variable LDM_<OPTION> (for example "
+            "Serve POST /v1/txt2img, /v1/img2img, /v1/jobs, /v1/models, /metrics, the gRPC service "
+            "ldm.v1.Images, OpenAI's Images API (/v1/images/...) and AUTOMATIC1111's API (/sdapi/v1/...). "
+            "Every option also reads an environment variable LDM_<OPTION> (for example "
             "LDM_API_KEYS, LDM_MAX_BACKLOG); see service/settings.py."
         ),
     )

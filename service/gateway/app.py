@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from ..queue.connection import async_client_for
 from ..queue.store import JobStore
 from ..settings import GatewaySettings, gateway_settings
-from . import routes_images, routes_jobs, routes_meta
+from . import a1111_api, openai_api, routes_images, routes_jobs, routes_meta
 from .catalog import Catalog
 from .errors import GatewayError, InvalidField
 from .generation import Gateway
@@ -33,6 +33,7 @@ from .metrics import GatewayMetrics
 from .middleware import BodyLimit, RequestMetrics
 from .openapi import configure_openapi
 from .routes_page import mount_page
+from .signed_urls import UrlSigner
 from .sweeper import sweep_forever
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ Synchronous by default: the answer carries the images. With `Prefer: respond-asy
 `202` with `Location: /v1/jobs/{id}`: poll it, follow `/v1/jobs/{id}/events` (server-sent events) or
 cancel it with `DELETE`. A request for `n` images makes `n` jobs (seeds `seed` .. `seed + n - 1`),
 each with its own id. With API keys set (`LDM_API_KEYS`), send `Authorization: Bearer <key>`.
+
+The same service also speaks OpenAI's Images API (`/v1/images/...`, errors in OpenAI's shape) and
+AUTOMATIC1111's web UI API (`/sdapi/v1/...`, HTTP Basic with the key as password), for their clients.
 """
 
 
@@ -83,7 +87,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RequestValidationError, _validation_error(metrics))
     app.add_exception_handler(HTTPException, _http_error(metrics))
-    for module in (routes_images, routes_jobs, routes_meta):
+    app.state.url_signer = UrlSigner(settings.url_secret.get_secret_value(), settings.url_ttl_s)
+    for module in (routes_images, routes_jobs, routes_meta, openai_api, a1111_api):
         app.include_router(module.router)
     mount_page(app)  # GET /: the page to try it
     configure_openapi(app, settings, [info.config.downsample_factor for info in catalog.infos()])

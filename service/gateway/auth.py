@@ -1,4 +1,6 @@
-"""API keys: `Authorization: Bearer KEY` (gRPC metadata `authorization`), off when no key is set.
+"""API keys: `Authorization: Bearer KEY` (gRPC metadata `authorization`), or HTTP Basic with the key as
+the password (what AUTOMATIC1111's `--api-auth` clients send; the user name is not checked); off when
+no key is set.
 
 Keys are compared as SHA-256 digests in constant time (hmac.compare_digest, against every key, no
 early exit). A job's `owner` is the hex digest of the key that created it, never the key: a job is
@@ -7,6 +9,8 @@ visible to that key only, and other keys get 404, as for a job that does not exi
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 
@@ -33,7 +37,11 @@ class ApiKeys:
             return ANONYMOUS
         scheme, _, key = (authorization or "").strip().partition(" ")
         key = key.strip()
-        if scheme.lower() != "bearer" or not key:
+        if scheme.lower() == "basic":
+            key = _basic_password(key)
+        elif scheme.lower() != "bearer":
+            key = ""
+        if not key:
             raise Unauthenticated("an API key is required: Authorization: Bearer <key>")
         digest = key_digest(key)
         valid = False
@@ -45,3 +53,12 @@ class ApiKeys:
 
     def may_see(self, caller: str, owner: str) -> bool:
         return not self.enabled or hmac.compare_digest(caller, owner)
+
+
+def _basic_password(credentials: str) -> str:
+    """The password of Basic credentials (base64 of `user:password`), "" when they do not decode."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, ValueError):
+        return ""
+    return decoded.partition(":")[2]

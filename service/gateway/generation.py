@@ -127,9 +127,12 @@ class Gateway:
         self.metrics.rejected.labels(REJECTION_REASONS[InvalidField]).inc()
         return InvalidField(e.field, e.message)
 
-    async def wait_for_images(self, submission: Submission, timeout_s: float | None = None) -> Generated:
+    async def wait_for_images(
+        self, submission: Submission, timeout_s: float | None = None, *, cancelled_ok: bool = False
+    ) -> Generated:
         """Waits for the submission's jobs and collects their images; WaitTimeout (the jobs go on),
-        JobCancelled, JobExpired or JobFailed otherwise."""
+        JobCancelled (unless `cancelled_ok`: cancelled jobs are left out), JobExpired or JobFailed
+        otherwise."""
         timeout = self.settings.request_timeout_s
         timeout = timeout if timeout_s is None else min(timeout, timeout_s)
         remaining = timeout - (time.monotonic() - submission.received)
@@ -139,18 +142,20 @@ class Gateway:
                 raise WaitTimeout(
                     f"no result within {timeout:g} s; the job goes on: follow /v1/jobs/{submission.id}", ids
                 )
-            return await self.collect(submission)
+            return await self.collect(submission, cancelled_ok=cancelled_ok)
         except Unavailable as e:  # the jobs were accepted and go on: never answer without their ids
             raise WaitInterrupted(
                 f"{e.message}; the accepted jobs go on: follow /v1/jobs/{submission.id}", ids
             ) from None
 
-    async def collect(self, submission: Submission) -> Generated:
+    async def collect(self, submission: Submission, *, cancelled_ok: bool = False) -> Generated:
         states = [await self.jobs.get(job_id) for job_id in submission.job_ids]
         images = []
         for job_id, seed, state in zip(submission.job_ids, submission.seeds, states, strict=True):
             if state is None:
                 raise JobFailed(f"job {job_id} expired from the queue before its result was read", [job_id])
+            if cancelled_ok and state.status == JobStatus.CANCELLED:
+                continue
             check_succeeded(state)
             png = await self.jobs.result(job_id)
             if png is None:

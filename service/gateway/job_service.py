@@ -5,14 +5,20 @@ changes), run in a thread: each is one short Redis round trip. Waiting is not: a
 its images, an SSE subscriber and a gRPC stream all block on the jobs' event streams with XREAD BLOCK
 on an asyncio client, so a thousand waiting requests hold no thread. Events are replayed from the
 start of the stream (or after a given event id), so a late subscriber misses nothing.
+
+Each API key's jobs that have not ended are kept in a sorted set (`keys.owner_jobs`, written with
+every submission, pruned as they are read), so "the caller's jobs" (AUTOMATIC1111's progress,
+interrupt and skip) needs no scan of the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import redis
@@ -29,6 +35,8 @@ T = TypeVar("T")
 REDIS_ERRORS = UNAVAILABLE_ERRORS
 BLOCK_S = 5.0  # longest single XREAD BLOCK; callers see an idle tick (None) after each empty one
 TERMINAL_TYPES = frozenset(str(s) for s in TERMINAL)
+# The fields of a job's hash that `unfinished` reads (not its spec, which may hold images).
+STATE_FIELDS = ["model", "owner", "status", "created", "deadline", "started", "step", "steps"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class JobService:
                 self.store.replicated(
                     await self.client.wait(self.store.min_replicas, self.store.replica_wait_ms)
                 )
+            await self._remember(owner, job_ids)
             return job_ids
         except BacklogFull as e:
             raise self._full(model, e.backlog) from None
@@ -87,6 +96,17 @@ class JobService:
             raise Unavailable(
                 f"the job queue is unavailable: {e}", call.job_ids, self.retry_after_s
             ) from None
+
+    async def _remember(self, owner: str, job_ids: list[str]) -> None:
+        """Adds the jobs to the owner's set; entries older than a job's records are dropped with them."""
+        now = time.time()
+        lifetime = self.store.job_timeout_s + self.store.result_ttl_s  # a job hash's TTL
+        key = keys.owner_jobs(owner)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, dict.fromkeys(job_ids, now))
+            pipe.zremrangebyscore(key, "-inf", now - lifetime)
+            pipe.expire(key, int(lifetime) + 1)
+            await pipe.execute()
 
     def _full(self, model: str, backlog: int) -> QueueFull:
         return QueueFull(
@@ -132,6 +152,41 @@ class JobService:
         except REDIS_ERRORS as e:
             raise Unavailable(f"the job queue is unavailable: {e}") from None
         return len(ahead)
+
+    async def unfinished(self, owner: str) -> list[JobState]:
+        """The owner's jobs that are queued or running, oldest first (ended ones leave the set)."""
+        return await self._run(self._unfinished, owner)
+
+    def _unfinished(self, owner: str) -> list[JobState]:
+        key = keys.owner_jobs(owner)
+        members: Any = self.store.redis.zrange(key, 0, -1)
+        ids = [text(member) for member in members]
+        if not ids:
+            return []
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(keys.job(job_id), STATE_FIELDS)
+            replies: list[Any] = pipe.execute()
+        states, ended = [], []
+        for job_id, values in zip(ids, replies, strict=True):
+            fields = {f: text(v) for f, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
+            if "status" not in fields or JobStatus(fields["status"]).terminal:
+                ended.append(job_id)
+            else:
+                states.append(JobState.model_validate({"id": job_id, **fields}))
+        if ended:
+            self.store.redis.zrem(key, *ended)
+        return states
+
+    async def owner_options(self, owner: str) -> dict[str, str]:
+        """Settings an API key keeps between requests (AUTOMATIC1111's options)."""
+        raw: Any = await self._run(self.store.redis.hgetall, keys.a1111_options(owner))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def set_owner_options(self, owner: str, values: dict[str, str]) -> None:
+        mapping: Any = dict(values)
+        if mapping:
+            await self._run(partial(self.store.redis.hset, keys.a1111_options(owner), mapping=mapping))
 
     async def ping(self) -> bool:
         try:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .deps import Caller, GatewayDep
+from .openai_api import openai_models
 from .schemas import ErrorPublic, LoraPublic, LorasPublic, ModelPublic, ModelsPublic
 
 router = APIRouter(tags=["service"])
@@ -17,9 +18,10 @@ router = APIRouter(tags=["service"])
 
 @router.get("/v1/models", response_model=ModelsPublic, responses={401: {"model": ErrorPublic}})
 async def list_models(gateway: GatewayDep, _owner: Caller) -> ModelsPublic:
-    """The models served here: native size, size multiple, defaults, samplers, live workers."""
+    """The models served here: native size, size multiple, defaults, samplers, live workers; and in
+    OpenAI's shape (`data`: the models, then their aliases)."""
     models = [ModelPublic(**model) for model in await gateway.models()]
-    return ModelsPublic(models=models)
+    return ModelsPublic(models=models, data=openai_models(gateway))
 
 
 @router.get("/v1/loras", response_model=LorasPublic, responses={401: {"model": ErrorPublic}})

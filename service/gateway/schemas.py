@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..ldm.request import MAX_N, MODEL_NAME, GenerationRequest, ImageFields, Int, PngImage, TextFields
+from .openai_schemas import OpenAIModel
 
 
 class Txt2ImgCreate(TextFields):
@@ -108,7 +109,12 @@ class ModelPublic(BaseModel):
 
 
 class ModelsPublic(BaseModel):
+    """The native list (`models`) and, in the same object, OpenAI's (`object`, `data`: the models and
+    their aliases), so that OpenAI's SDKs can list models too."""
+
     models: list[ModelPublic]
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
 
 
 class LoraPublic(BaseModel):

@@ -10,6 +10,8 @@
 | `ldm:worker:<name>` | string | a live worker's heartbeat (JSON), expires when the worker stops renewing it |
 | `ldm:sweeper` | string | lock of the one gateway that expires overdue queued jobs, with a TTL |
 | `ldm:idem:<owner>:<sha256>` | string | the job ids an `Idempotency-Key` was answered with (TTL) |
+| `ldm:owner-jobs:<owner>` | sorted set | an API key's jobs not known to have ended, with a TTL |
+| `ldm:a1111-options:<owner>` | hash | an API key's AUTOMATIC1111 options (`sd_model_checkpoint`), no TTL |
 
 Keys are not hash-tagged: the protocol assumes one Redis (or a primary with replicas), not a cluster.
 """
@@ -59,3 +61,12 @@ def worker(name: str) -> str:
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
 SWEEPER = f"{PREFIX}:sweeper"  # lock: which gateway expires overdue queued jobs now
+
+
+def owner_jobs(owner: str) -> str:
+    """`owner` is a key's SHA-256 (hex), or "" while authentication is off."""
+    return f"{PREFIX}:owner-jobs:{owner or 'anonymous'}"
+
+
+def a1111_options(owner: str) -> str:
+    return f"{PREFIX}:a1111-options:{owner or 'anonymous'}"
