@@ -5,6 +5,7 @@ in the directory gives the PNG that `ldm generate --lora FILE:WEIGHT` gives."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -207,6 +208,15 @@ def test_up_serves_the_png_that_ldm_generate_draws(
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == served.content
+    # The same adapter through the other APIs: A1111's prompt tag, OpenAI's extra_body.
+    a1111 = {"prompt": "a red circle <lora:style:0.8>", "seed": 5, "steps": 4, "cfg_scale": 5.0}
+    reply = httpx.post(f"{url}/sdapi/v1/txt2img", json=a1111, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert base64.b64decode(reply.json()["images"][0]) == served.content
+    openai = {**body, "response_format": "b64_json"}
+    reply = httpx.post(f"{url}/v1/images/generations", json=openai, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert base64.b64decode(reply.json()["data"][0]["b64_json"]) == served.content
 
     # Refused before anything is enqueued, each naming what is wrong.
     for loras, status, words in [

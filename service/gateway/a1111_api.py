@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..ldm.request import GenerationRequest, RequestError, resolve
+from ..ldm.request import GenerationRequest, RequestError, extract_loras, resolve
 from ..queue.states import JobStatus
 from . import uploads
 from .a1111_schemas import DEFAULT_SCHEDULES as SCHEDULES
@@ -116,9 +116,11 @@ async def _generate(
         if getattr(body, field) < 1:
             raise RequestError(field, "must be at least 1")
     model = await _checkpoint(gateway, owner, body.override_settings)
+    prompt, loras = extract_loras(body.prompt)  # A1111's <lora:name:weight> tags
     generation = GenerationRequest.parse(
         {
-            "prompt": body.prompt,
+            "prompt": prompt,
+            "loras": [ref.model_dump() for ref in loras] or None,
             "negative_prompt": body.negative_prompt,
             "seed": None if body.seed == -1 else body.seed,
             "sampler": sampler(body.sampler_name or body.sampler_index, body.scheduler),

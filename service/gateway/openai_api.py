@@ -59,7 +59,14 @@ from .signed_urls import UrlSigner
 DEFAULT_COMPRESSION = 100  # OpenAI's default output_compression
 MAX_FILES = 16  # files in one edits form (OpenAI takes up to 16 images)
 MAX_FIELDS = 64
-EXTENSIONS = {"negative_prompt", "seed", "steps", "guidance_scale", "sampler"}  # the request type's names
+EXTENSIONS = {
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "sampler",
+    "loras",
+}  # the request type's names
 CODES: dict[type[GatewayError], str] = {
     InvalidField: "invalid_value",
     Unauthenticated: "invalid_api_key",

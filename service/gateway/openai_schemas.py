@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..ldm.request import DEFAULT_STRENGTH, Int
+from ..ldm.request import DEFAULT_STRENGTH, Int, LoraRef
 
 SIZE = re.compile(r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")
 # OpenAI's DALL·E models answer with links unless asked otherwise; the GPT image models with base64.
@@ -69,6 +69,7 @@ class ImageOptions(BaseModel):
     steps: Int | None = Field(default=None, description="extension: denoising steps")
     guidance_scale: float | None = Field(default=None, description="extension: classifier-free guidance")
     sampler: str | None = Field(default=None, description="extension: a sampler from GET /v1/models")
+    loras: list[LoraRef] | None = Field(default=None, description="extension: adapters from GET /v1/loras")
 
 
 class ImageGenerationCreate(ImageOptions):
