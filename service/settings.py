@@ -215,7 +215,21 @@ class GatewaySettings(QueueSettings):
         description="key signing the OpenAI API's image links (HMAC-SHA256); empty: a random one per "
         "process, so links die with it and work only on the gateway that made them",
     )
-    url_ttl_s: int = Field(3600, ge=1, description="how long an image link of the OpenAI API works")
+    url_ttl_s: int = Field(3600, ge=1, description="how long an image link (OpenAI API, webhooks) works")
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="key of the webhooks' LDM-Signature (HMAC-SHA256); empty: no webhooks"
+    )
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts webhooks may call: exact names or addresses, or suffixes like .example.com; "
+        "private addresses only when named exactly",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="one webhook attempt's timeout")
+    webhook_max_attempts: int = Field(8, ge=1, description="attempts per webhook event before giving up")
+    webhook_max_age_s: float = Field(86400.0, gt=0, description="age of an event after which it is given up")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="wait before the 2nd attempt; doubled for each next one"
+    )
     public_url: str = Field(
         "", description="this gateway's address as clients reach it, for image links; empty: the request's"
     )
@@ -244,6 +258,13 @@ class GatewaySettings(QueueSettings):
             self.max_loras,
             self.max_input_pixels,
         )
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip().lower() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

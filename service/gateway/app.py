@@ -35,6 +35,7 @@ from .openapi import configure_openapi
 from .routes_page import mount_page
 from .signed_urls import UrlSigner
 from .sweeper import sweep_forever
+from .webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 GRPC_GRACE_S = 5.0
@@ -72,10 +73,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if settings.grpc_port:
             server, _port = await start_grpc(gateway, settings.host, settings.grpc_port)
         sweeper = asyncio.create_task(sweep_forever(gateway.jobs.store, catalog, settings.expiry_sweep_s))
+        dispatcher = Dispatcher(settings, gateway.jobs.client, app.state.url_signer, metrics)
+        webhooks = asyncio.create_task(dispatcher.run())
         try:
             yield
         finally:
             sweeper.cancel()
+            webhooks.cancel()
             if server is not None:
                 await server.stop(GRPC_GRACE_S)
             await gateway.jobs.client.aclose()

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..ldm.request import SAMPLERS, GenerationRequest, RequestError, plan
 from ..queue import keys
-from ..queue.states import JobState, JobStatus
+from ..queue.states import JobState, JobStatus, Webhook
 from ..settings import GatewaySettings
 from .auth import ApiKeys
 from .catalog import Catalog
@@ -36,6 +36,7 @@ from .errors import (
 from .job_service import JobService
 from .loras import LoraCatalog
 from .metrics import GatewayMetrics
+from .webhooks import check_url
 
 REJECTION_REASONS: dict[type[GatewayError], str] = {
     InvalidField: "invalid",
@@ -100,6 +101,7 @@ class Gateway:
         n: int = 1,
         model: str | None = None,
         idempotency_key: str = "",
+        webhook: Webhook | None = None,
     ) -> Submission:
         """Checks the request against the model and the settings' limits, then enqueues its n images
         (one job each); refusals (422, 404, 429) are counted by reason, nothing enqueued."""
@@ -115,7 +117,13 @@ class Gateway:
                 raise InvalidField(e.field, e.message) from None
             if request.loras:
                 self.loras.check(request.loras, info)
-            job_ids = await self.jobs.submit(name, requests, owner, idempotency_key)
+            if webhook is not None:
+                if not self.settings.webhook_secret.get_secret_value():
+                    raise InvalidField(
+                        "webhook", "webhooks are off here (no LDM_WEBHOOK_SECRET to sign them)"
+                    )
+                await check_url(webhook.url, self.settings.webhook_allow)
+            job_ids = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
         except (InvalidField, NotFound, UnknownLora, QueueFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise

@@ -8,14 +8,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
 
-from ..ldm.request import GenerationRequest, RequestError
-from ..queue.states import JobState
+from ..ldm.request import GenerationRequest, RequestError, first_error
+from ..queue.states import JobState, Webhook
 from .errors import GatewayError, WaitTimeout
 from .generation import Gateway, Generated, Submission
 from .grpc_gen import ldm_pb2 as pb
@@ -80,12 +81,18 @@ class ImagesServicer(pb_grpc.ImagesServicer):
     ) -> Submission:
         try:
             internal = generation_request(request)
+            webhook = None
+            if request.HasField("webhook"):
+                events = {"events": list(request.webhook.events)} if request.webhook.events else {}
+                webhook = parse_webhook({"url": request.webhook.url, **events})
         except RequestError as e:
             raise self.gateway.invalid(e) from None
         n = request.n if request.HasField("n") else 1
         model = request.model if request.HasField("model") else None
         key = _text(dict(context.invocation_metadata() or ()).get("idempotency-key")) or ""
-        return await self.gateway.submit(internal, owner, n=n, model=model, idempotency_key=key)
+        return await self.gateway.submit(
+            internal, owner, n=n, model=model, idempotency_key=key, webhook=webhook
+        )
 
     async def _events(self, submission: Submission, deadline_s: float | None) -> AsyncIterator[pb.JobEvent]:
         timeout = self.gateway.settings.request_timeout_s
@@ -167,6 +174,14 @@ class ImagesServicer(pb_grpc.ImagesServicer):
 async def _list_loras(gateway: Gateway) -> pb.ListLorasReply:
     loras = await asyncio.to_thread(gateway.lora_list)
     return pb.ListLorasReply(loras=[pb.Lora(**lora) for lora in loras])
+
+
+def parse_webhook(values: dict[str, Any]) -> Webhook:
+    try:
+        return Webhook.model_validate(values)
+    except ValidationError as e:
+        error = first_error(e)
+        raise RequestError(f"webhook.{error.field}", error.message) from None
 
 
 def generation_request(request: pb.GenerateRequest) -> GenerationRequest:

@@ -27,7 +27,7 @@ import redis.asyncio
 from ..ldm.request import GenerationRequest
 from ..queue import keys
 from ..queue.scripts import SCRIPTS
-from ..queue.states import TERMINAL, JobState, JobStatus
+from ..queue.states import TERMINAL, JobState, JobStatus, Webhook
 from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, text, unavailable
 from .errors import QueueFull, Unavailable
 
@@ -73,11 +73,18 @@ class JobService:
     # -- writes -----------------------------------------------------------------------------------
 
     async def submit(
-        self, model: str, requests: list[GenerationRequest], owner: str, idempotency_key: str = ""
+        self,
+        model: str,
+        requests: list[GenerationRequest],
+        owner: str,
+        idempotency_key: str = "",
+        webhook: Webhook | None = None,
     ) -> list[str]:
         """Enqueues all the requests or none, in one atomic script call on the asyncio client (no
         thread: a burst of refusals costs one round trip each); 429 when the backlog has no room."""
-        call = self.store.enqueue_call(model, requests, owner, idempotency_key=idempotency_key)
+        call = self.store.enqueue_call(
+            model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
+        )
         try:
             job_ids = call.result(await self._enqueue(keys=call.keys, args=call.args))
             if self.store.min_replicas:  # an answered job survives the loss of the primary

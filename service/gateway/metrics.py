@@ -53,6 +53,12 @@ class GatewayMetrics:
             "ldm_grpc_requests", "gRPC calls answered", ["method", "code"], registry=r
         )
         self.submitted = Counter("ldm_jobs_submitted", "jobs enqueued", ["model"], registry=r)
+        self.webhooks = Counter(
+            "ldm_webhook_deliveries",
+            "webhook events handled: delivered, retrying (an attempt failed) or gave_up",
+            ["outcome"],
+            registry=r,
+        )
         self.rejected = Counter(
             "ldm_jobs_rejected", "requests refused before enqueueing", ["reason"], registry=r
         )

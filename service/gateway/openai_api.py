@@ -308,18 +308,13 @@ async def _answer(
     )
     if link:
         base = gateway.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
-        urls = [_link(base, signer, image.job_id) for image in generated.images]
+        urls = [signer.link(base, image.job_id) for image in generated.images]
         data = [ImageData(url=url, revised_prompt=generation.prompt) for url in urls]
         return _json(options, generated, data, "png")
     output_format = options.output_format or "png"
     encoded = await _encoded(options, generated)
     data = [ImageData(b64_json=b64, revised_prompt=generation.prompt) for b64 in encoded]
     return _json(options, generated, data, output_format)
-
-
-def _link(base: str, signer: UrlSigner, job_id: str) -> str:
-    expires, signature = signer.sign(job_id)
-    return f"{base}/v1/images/files/{job_id}.png?expires={expires}&signature={signature}"
 
 
 async def _encoded(options: ImageOptions, generated: Generated) -> list[str]:

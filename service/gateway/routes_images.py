@@ -87,8 +87,9 @@ async def _generate(
     wants_png = _wants_png(request.headers.get("accept", ""))
     if wants_png and body.n != 1:
         raise InvalidField("n", "Accept: image/png answers one image: n must be 1")
+    key, webhook = idempotency_key or "", body.webhook
     submission = await gateway.submit(
-        body.to_request(), owner, n=body.n, model=body.model, idempotency_key=idempotency_key or ""
+        body.to_request(), owner, n=body.n, model=body.model, idempotency_key=key, webhook=webhook
     )
     if prefer is not None and "respond-async" in [p.strip().lower() for p in prefer.split(",")]:
         return accepted(submission)

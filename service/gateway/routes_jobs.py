@@ -15,7 +15,7 @@ from ..queue.states import JobState, JobStatus
 from .deps import Caller, GatewayDep
 from .generation import Gateway, Image
 from .job_service import Event
-from .schemas import ErrorPublic, ImagePublic, JobPublic, ProgressPublic
+from .schemas import ErrorPublic, ImagePublic, JobPublic, ProgressPublic, WebhookPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -128,6 +128,16 @@ async def job_public(gateway: Gateway, state: JobState, image: Image | None) -> 
         finished=state.finished,
         error=state.error,
         result=result,
+        webhook=_webhook(state),
+    )
+
+
+def _webhook(state: JobState) -> WebhookPublic | None:
+    if not state.webhook:
+        return None
+    delivered = state.webhook_delivered
+    return WebhookPublic(
+        attempts=state.webhook_attempts, last_status=state.webhook_status, delivered=delivered
     )
 
 

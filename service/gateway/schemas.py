@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..ldm.request import MAX_N, MODEL_NAME, GenerationRequest, ImageFields, Int, PngImage, TextFields
+from ..queue.states import Webhook
 from .openai_schemas import OpenAIModel
 
 
@@ -24,10 +25,15 @@ class Txt2ImgCreate(TextFields):
     model: str | None = Field(
         default=None, pattern=MODEL_NAME.pattern, description="default: the first model"
     )
+    webhook: Webhook | None = Field(
+        default=None, description="POST these events of each job to this URL, signed (see the README)"
+    )
 
     def to_request(self) -> GenerationRequest:
         """The internal request (one image; `n` and `model` travel beside it)."""
-        return GenerationRequest.model_validate(self.model_dump(exclude={"n", "model"}, exclude_none=True))
+        return GenerationRequest.model_validate(
+            self.model_dump(exclude={"n", "model", "webhook"}, exclude_none=True)
+        )
 
 
 class Img2ImgCreate(Txt2ImgCreate, ImageFields):
@@ -77,6 +83,12 @@ class ProgressPublic(BaseModel):
     total: int
 
 
+class WebhookPublic(BaseModel):
+    attempts: int = Field(description="POSTs made so far, over all of the job's events")
+    last_status: str = Field(description="the last attempt's HTTP status, or why it failed")
+    delivered: int = Field(description="events the receiver accepted (2xx)")
+
+
 class JobPublic(BaseModel):
     id: str
     model: str
@@ -90,6 +102,7 @@ class JobPublic(BaseModel):
     finished: float | None = None
     error: str = ""
     result: ImagePublic | None = Field(default=None, description="when succeeded (until its TTL)")
+    webhook: WebhookPublic | None = Field(default=None, description="when the request gave a webhook")
 
 
 class ModelPublic(BaseModel):

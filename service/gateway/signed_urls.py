@@ -43,3 +43,8 @@ class UrlSigner:
     @staticmethod
     def expired(expires: int, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= expires
+
+    def link(self, base: str, job_id: str) -> str:
+        """An absolute link to the job's PNG under `base` (this gateway as clients reach it)."""
+        expires, signature = self.sign(job_id)
+        return f"{base}/v1/images/files/{job_id}.png?expires={expires}&signature={signature}"

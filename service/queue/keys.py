@@ -8,6 +8,8 @@
 | `ldm:events:<id>` | stream | progress and status events of one job, with a TTL (late readers replay it) |
 | `ldm:dead:<model>` | stream | dead-lettered jobs (field `job`, `reason`, `attempts`) |
 | `ldm:worker:<name>` | string | a live worker's heartbeat (JSON), expires when the worker stops renewing it |
+| `ldm:webhooks` | stream | webhook deliveries to make (`job`, `type`, `attempt`); consumer group `gateways` |
+| `ldm:webhooks:retry` | sorted set | deliveries to try again (JSON), scored by when |
 | `ldm:sweeper` | string | lock of the one gateway that expires overdue queued jobs, with a TTL |
 | `ldm:idem:<owner>:<sha256>` | string | the job ids an `Idempotency-Key` was answered with (TTL) |
 | `ldm:owner-jobs:<owner>` | sorted set | an API key's jobs not known to have ended, with a TTL |
@@ -61,6 +63,9 @@ def worker(name: str) -> str:
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
 SWEEPER = f"{PREFIX}:sweeper"  # lock: which gateway expires overdue queued jobs now
+WEBHOOKS = f"{PREFIX}:webhooks"  # stream: webhook deliveries to make (job, event type); group WEBHOOK_GROUP
+WEBHOOK_GROUP = "gateways"
+WEBHOOK_RETRIES = f"{PREFIX}:webhooks:retry"  # sorted set: deliveries to try again, scored by when
 
 
 def owner_jobs(owner: str) -> str:

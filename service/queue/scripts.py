@@ -10,7 +10,21 @@ has reached a terminal status, so the stream's length is the backlog: queued plu
 
 from __future__ import annotations
 
-_PRELUDE = """
+from . import keys
+
+# `notify` queues a webhook delivery when the job asked for this event (`webhook_events` is
+# ",succeeded,failed,"): written in the same atomic step as the event, so none is lost or doubled.
+_PRELUDE = f"""
+local WEBHOOKS = '{keys.WEBHOOKS}'
+local function notify(job, kind, time)
+  local wanted = redis.call('HGET', job, 'webhook_events')
+  if wanted and string.find(wanted, ',' .. kind .. ',', 1, true) then
+    redis.call('XADD', WEBHOOKS, '*', 'job', redis.call('HGET', job, 'id'), 'type', kind, 'time', time,
+      'attempt', 1)
+  end
+end
+"""
+_PRELUDE += """
 local TERMINAL = {succeeded = true, failed = true, cancelled = true, expired = true}
 local function release(stream, group, entry)
   redis.call('XACK', stream, group, entry)
@@ -23,11 +37,12 @@ end
 """
 
 # All the jobs of one request, or none. KEYS: stream, idempotency key, then job and events of each job.
-# ARGV: model, owner, now, deadline, max backlog, ttl, idempotency ttl, then job id and spec of each.
+# ARGV: model, owner, now, deadline, max backlog, ttl, idempotency ttl, webhook (JSON or ''), its
+# events (",succeeded,failed," or ''), then job id and spec of each.
 # An idempotency key that is already there answers the job ids it recorded, and nothing is added; so
 # does a first job id that exists already (a retried call).
 ENQUEUE = """
-local n = (#ARGV - 7) / 2
+local n = (#ARGV - 9) / 2
 if KEYS[2] ~= '' then
   local known = redis.call('GET', KEYS[2])
   if known then return {'exists', known} end
@@ -41,11 +56,14 @@ if backlog + n > tonumber(ARGV[5]) then
 end
 local ids = {}
 for i = 1, n do
-  local id, spec, job, events = ARGV[6 + 2 * i], ARGV[7 + 2 * i], KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local id, spec, job, events = ARGV[8 + 2 * i], ARGV[9 + 2 * i], KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local entry = redis.call('XADD', KEYS[1], '*', 'job', id)
   redis.call('HSET', job, 'id', id, 'model', ARGV[1], 'owner', ARGV[2], 'spec', spec,
     'status', 'queued', 'created', ARGV[3], 'deadline', ARGV[4], 'entry', entry,
     'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0)
+  if ARGV[8] ~= '' then
+    redis.call('HSET', job, 'webhook', ARGV[8], 'webhook_events', ARGV[9])
+  end
   redis.call('EXPIRE', job, ARGV[6])
   event(events, ARGV[6], 'type', 'queued', 'time', ARGV[3])
   table.insert(ids, id)
@@ -64,6 +82,7 @@ if TERMINAL[status] then return status end
 redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished', ARGV[2], 'error', 'cancelled')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 event(KEYS[3], ARGV[3], 'type', 'cancelled', 'time', ARGV[2])
+notify(KEYS[2], 'cancelled', ARGV[2])
 -- A queued job leaves the stream now; a running one at its worker's next step boundary.
 if status == 'queued' then redis.call('XDEL', KEYS[1], entry) end
 return 'ok'
@@ -93,6 +112,7 @@ if not spec then
   redis.call('HSET', KEYS[2], 'status', 'failed', 'error', reason, 'finished', ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   event(KEYS[3], ARGV[6], 'type', 'failed', 'error', reason, 'time', ARGV[5])
+  notify(KEYS[2], 'failed', ARGV[5])
   release(KEYS[1], ARGV[1], ARGV[2])
   return {'dead', reason}
 end
@@ -117,6 +137,7 @@ if deliveries >= tonumber(ARGV[4]) then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'job', ARGV[7], 'model', ARGV[8],
     'reason', reason, 'attempts', attempt, 'time', ARGV[5])
   event(KEYS[3], ARGV[6], 'type', 'failed', 'error', reason, 'time', ARGV[5])
+  notify(KEYS[2], 'failed', ARGV[5])
   release(KEYS[1], ARGV[1], ARGV[2])
   return {'dead', reason}
 end
@@ -137,6 +158,7 @@ redis.call('HSET', KEYS[2], 'status', 'running', 'started', ARGV[4], 'step', 0)
 -- A running job outlives its queueing deadline: its hash lives at least the result TTL from now.
 redis.call('EXPIRE', KEYS[2], ARGV[5], 'GT')
 event(KEYS[3], ARGV[5], 'type', 'running', 'attempt', ARGV[3], 'time', ARGV[4])
+notify(KEYS[2], 'started', ARGV[4])
 return 'running'
 """
 
@@ -174,6 +196,7 @@ if ARGV[5] ~= '' then
 else
   event(KEYS[3], ARGV[7], 'type', ARGV[4], 'time', ARGV[6])
 end
+notify(KEYS[2], ARGV[4], ARGV[6])
 release(KEYS[1], ARGV[1], ARGV[2])
 return 'ok'
 """
@@ -221,6 +244,7 @@ local reason = 'deadline passed before the job started'
 redis.call('HSET', KEYS[2], 'status', 'expired', 'finished', ARGV[3], 'error', reason)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 event(KEYS[3], ARGV[4], 'type', 'expired', 'error', reason, 'time', ARGV[3])
+notify(KEYS[2], 'expired', ARGV[3])
 release(KEYS[1], ARGV[1], ARGV[2])
 return 'expired'
 """

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class JobStatus(StrEnum):
@@ -27,6 +28,23 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
 
 
+WebhookEvent = Literal["started", "succeeded", "failed", "cancelled", "expired"]
+TERMINAL_EVENTS: list[WebhookEvent] = ["succeeded", "failed", "cancelled", "expired"]
+
+
+class Webhook(BaseModel):
+    """Where to POST a job's events, and which (default: how it ended). Checked by the gateway before
+    enqueue (allowed hosts, no private addresses); stored in the job's hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=8, max_length=2048, examples=["https://example.com/hooks/ldm"])
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(TERMINAL_EVENTS), min_length=1)
+
+    def events_field(self) -> str:
+        return "," + ",".join(self.events) + ","
+
+
 class JobState(BaseModel):
     """A job as its hash reads, for status endpoints and tests."""
 
@@ -45,3 +63,13 @@ class JobState(BaseModel):
     results: int = 0  # how many results were stored: exactly one for a succeeded job
     worker: str = ""
     error: str = ""
+    webhook: str = ""  # the Webhook (JSON) the job reports to, if any
+    webhook_attempts: int = 0
+    webhook_status: str = ""  # the last attempt's HTTP status, or why it failed
+    webhook_delivered: int = 0  # events delivered
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> JobState:
+        """The job hash's fields (as text), the spec and stream entry left aside."""
+        kept = {k: v for k, v in fields.items() if k not in ("spec", "entry") and v != ""}
+        return cls.model_validate(kept)

@@ -15,7 +15,7 @@ from ..ldm.request import GenerationRequest
 from . import keys
 from .connection import UNAVAILABLE_ERRORS, NotReplicated, client_for, connect, unavailable
 from .scripts import SCRIPTS
-from .states import JobState, JobStatus
+from .states import JobState, JobStatus, Webhook
 
 if TYPE_CHECKING:
     from ..settings import QueueSettings
@@ -119,6 +119,7 @@ class JobStore:
         timeout_s: float | None = None,
         job_ids: list[str] | None = None,
         idempotency_key: str = "",
+        webhook: Webhook | None = None,
     ) -> list[str]:
         """Adds one job per request to the model's stream and creates their hashes, all or none, in one
         atomic step that first checks the backlog (BacklogFull); returns the job ids. Each request
@@ -126,7 +127,7 @@ class JobStore:
 
         Retrying is safe: with the same `job_ids`, or the same `idempotency_key` (per owner, kept
         `idempotency_ttl_s`), nothing is added twice and the first call's ids come back."""
-        call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key)
+        call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key, webhook)
         ids = call.result(self._enqueue(keys=call.keys, args=call.args))
         self.replicated(
             int(self.redis.wait(self.min_replicas, self.replica_wait_ms)) if self.min_replicas else 0
@@ -151,6 +152,7 @@ class JobStore:
         timeout_s: float | None = None,
         job_ids: list[str] | None = None,
         idempotency_key: str = "",
+        webhook: Webhook | None = None,
     ) -> EnqueueCall:
         """The enqueue script's keys and arguments (for a caller with a client of its own, e.g. asyncio)."""
         if not keys.MODEL_NAME.match(model):
@@ -167,6 +169,7 @@ class JobStore:
         ttl = int(timeout + self.result_ttl_s) + 1
         script_keys = [keys.jobs(model), keys.idempotency(owner, idempotency_key) if idempotency_key else ""]
         args: list[Any] = [model, owner, now, now + timeout, self.max_backlog, ttl, self.idempotency_ttl_s]
+        args += [webhook.model_dump_json(), webhook.events_field()] if webhook else ["", ""]
         for job_id, request in zip(job_ids, requests, strict=True):
             script_keys += [keys.job(job_id), keys.events(job_id)]
             args += [job_id, request.to_json()]
@@ -176,8 +179,7 @@ class JobStore:
         fields = self.redis.hgetall(keys.job(job_id))
         if not fields:
             return None
-        values = {text(k): text(v) for k, v in fields.items() if text(k) not in ("spec", "entry")}
-        return JobState.model_validate({k: v for k, v in values.items() if v != ""})
+        return JobState.from_hash({text(k): text(v) for k, v in fields.items()})
 
     def request(self, job_id: str) -> GenerationRequest | None:
         """What the job draws (its spec)."""

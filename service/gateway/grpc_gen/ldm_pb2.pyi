@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "n", "model", "eta", "init_image", "strength", "mask", "loras")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "n", "model", "eta", "init_image", "strength", "mask", "loras", "webhook")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class GenerateRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -38,7 +39,16 @@ class GenerateRequest(_message.Message):
     strength: float
     mask: bytes
     loras: _containers.RepeatedCompositeFieldContainer[LoraRef]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., model: _Optional[str] = ..., eta: _Optional[float] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask: _Optional[bytes] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ...) -> None: ...
+    webhook: Webhook
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., model: _Optional[str] = ..., eta: _Optional[float] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask: _Optional[bytes] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ...) -> None: ...
+
+class Webhook(_message.Message):
+    __slots__ = ("url", "events")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    events: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, url: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoraRef(_message.Message):
     __slots__ = ("name", "weight")
