@@ -129,9 +129,7 @@ class JobStore:
         `idempotency_ttl_s`), nothing is added twice and the first call's ids come back."""
         call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key, webhook)
         ids = call.result(self._enqueue(keys=call.keys, args=call.args))
-        self.replicated(
-            int(self.redis.wait(self.min_replicas, self.replica_wait_ms)) if self.min_replicas else 0
-        )
+        self.wait_for_replicas()
         return ids
 
     def wait_for_replicas(self) -> None:
