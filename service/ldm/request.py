@@ -9,7 +9,7 @@ limits before anything is enqueued, the engine with the hard bounds below.
 
 The seed rule: a request without a seed gets one drawn once, by `resolve` (the gateway resolves before
 it enqueues, so every attempt of a job draws the same image); `plan` gives image i of n the seed
-`seed + i`.
+`seed + i`. SDXL models take more (`SDXLFields`); the others refuse those fields.
 """
 
 from __future__ import annotations
@@ -50,8 +50,13 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_LORAS = 16
 MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask larger than this is refused from its header
 MAX_LORA_WEIGHT = 4.0
-DEFAULT_STRENGTH = 0.8
+DEFAULT_STRENGTH = 0.8  # the models' default (ModelConfig.default_strength) when they do not say
 DEFAULT_ETA = 0.0
+MAX_CONDITIONING_SIDE = 16384  # SDXL's size conditioning may name any photo size, beyond MAX_SIDE
+MAX_AESTHETIC_SCORE = 10.0  # the LAION aesthetic predictor's scale
+DEFAULT_AESTHETIC_SCORE = 6.0
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
+DEFAULT_SWITCH_AT = 0.8
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # How a served model is named: the `model` field of every API, and part of its Redis keys.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -185,7 +190,53 @@ class ImageFields(BaseModel):
         return value
 
 
-class GenerationRequest(TextFields, ImageFields):
+class Size(BaseModel):
+    """A size in pixels (SDXL's size conditioning)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: Int = Field(ge=1, le=MAX_CONDITIONING_SIDE)
+    height: Int = Field(ge=1, le=MAX_CONDITIONING_SIDE)
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+class Point(BaseModel):
+    """A pixel position: x from the left, y from the top."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    x: Int = Field(ge=0, le=MAX_CONDITIONING_SIDE)
+    y: Int = Field(ge=0, le=MAX_CONDITIONING_SIDE)
+
+
+class Refiner(BaseModel):
+    """SDXL's base -> refiner hand-off ("ensemble of experts"): the base runs the first `switch_at` of
+    the noise schedule (diffusers' denoising_end), the refiner finishes the latent, in the same job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(pattern=MODEL_NAME.pattern, description="a served SDXL refiner")
+    switch_at: float = Field(default=DEFAULT_SWITCH_AT, gt=0.0, lt=1.0, description="the base's share")
+
+
+class SDXLFields(BaseModel):
+    """SDXL's conditioning (the SDXL report, sec. 2.2) as diffusers' pipelines take it; absent: their
+    defaults (original and target size: the image's; crop 0, 0; aesthetic scores 6.0 and 2.5)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    original_size: Size | None = Field(default=None, description="SDXL: the size it looks cropped from")
+    crops_coords_top_left: Point | None = Field(default=None, description="SDXL: where that crop starts")
+    target_size: Size | None = Field(default=None, description="SDXL base: the size it is meant at")
+    aesthetic_score: float | None = Field(default=None, ge=0.0, le=MAX_AESTHETIC_SCORE)
+    negative_aesthetic_score: float | None = Field(default=None, ge=0.0, le=MAX_AESTHETIC_SCORE)
+    refiner: Refiner | None = Field(default=None, description="SDXL base: finish with this refiner")
+
+
+class GenerationRequest(TextFields, ImageFields, SDXLFields):
     """One image to draw: the request every API maps onto, and the job spec in Redis (`to_json`)."""
 
     def to_json(self) -> str:
@@ -235,14 +286,24 @@ class ResolvedRequest:
     init_image: bytes | None
     mask: bytes | None
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight)
+    # SDXL (None / defaults for other models): sizes as (width, height), the crop as (x, y).
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    refiner: Refiner | None = None
 
     def parameters(self) -> str:
         """The text stored in the PNG, in the web UIs' `parameters` style."""
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         loras = "".join(f", LoRA: {name}:{weight:g}" for name, weight in self.loras)
+        r = self.refiner
+        refiner = "" if r is None else f", Refiner: {r.model}, Refiner switch at: {r.switch_at:g}"
         return (
             f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
-            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}{loras}"
+            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
+            f"{loras}{refiner}"
         )
 
 
@@ -268,6 +329,7 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
     steps = model.default_steps if request.steps is None else request.steps
     if not 1 <= steps <= limits.max_steps:
         raise RequestError("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+    sdxl = _resolve_sdxl(request, model, width, height)
     return ResolvedRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -278,11 +340,48 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         sampler=request.sampler or model.default_sampler,
         seed=draw_seed() if request.seed is None else request.seed,
         eta=DEFAULT_ETA if request.eta is None else request.eta,
-        strength=DEFAULT_STRENGTH if request.strength is None else request.strength,
+        strength=model.default_strength if request.strength is None else request.strength,
         init_image=request.init_image,
         mask=request.mask,
         loras=tuple((ref.name, ref.weight) for ref in request.loras or ()),
+        **sdxl,
     )
+
+
+def _resolve_sdxl(request: GenerationRequest, model: ModelConfig, width: int, height: int) -> dict[str, Any]:
+    """SDXL's conditioning with diffusers' defaults; a field the model does not take is refused."""
+    given = [name for name in SDXLFields.model_fields if getattr(request, name) is not None]
+    if not model.is_sdxl:
+        if given:
+            raise RequestError(given[0], "only SDXL models take this field")
+        return {}
+    scores = [name for name in given if name.endswith("aesthetic_score")]
+    if model.is_refiner and request.refiner is not None:
+        raise RequestError("refiner", "this model is itself an SDXL refiner: ask its base model for it")
+    if model.is_refiner and request.target_size is not None:
+        raise RequestError("target_size", "an SDXL refiner conditions on an aesthetic score, not this")
+    if scores and not model.is_refiner and request.refiner is None:
+        raise RequestError(scores[0], "only an SDXL refiner (or a request's refiner) takes this field")
+    if request.refiner is not None and model.is_inpainting:
+        raise RequestError("refiner", "an inpainting model cannot hand its latent to a refiner")
+    own, crop = Size(width=width, height=height), request.crops_coords_top_left or Point(x=0, y=0)
+    a, na = request.aesthetic_score, request.negative_aesthetic_score
+    return {
+        "original_size": (request.original_size or own).width_height,
+        "crops_coords_top_left": (crop.x, crop.y),
+        "target_size": (request.target_size or own).width_height,
+        "aesthetic_score": DEFAULT_AESTHETIC_SCORE if a is None else a,
+        "negative_aesthetic_score": DEFAULT_NEGATIVE_AESTHETIC_SCORE if na is None else na,
+        "refiner": request.refiner,
+    }
+
+
+def check_refiner(refiner: Refiner, base: ModelConfig, model: ModelConfig) -> None:
+    """A hand-off from `base` to `model` (the refiner's config) can run; RequestError("refiner") if not."""
+    if not model.is_refiner:
+        raise RequestError("refiner", f"model {refiner.model!r} is not an SDXL refiner")
+    if (model.latent_channels, model.downsample_factor) != (base.latent_channels, base.downsample_factor):
+        raise RequestError("refiner", f"model {refiner.model!r} has another latent space than this model")
 
 
 def plan(request: GenerationRequest, n: int, model: ModelConfig, limits: Limits) -> list[GenerationRequest]:
