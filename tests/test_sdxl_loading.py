@@ -292,6 +292,7 @@ def test_requests_an_sdxl_model_refuses_name_the_field(tmp_path: Path) -> None:
     assert field(base, aesthetic_score=6.0) == "aesthetic_score"
     assert field(refiner, target_size={"width": 8, "height": 8}) == "target_size"
     assert field(refiner, refiner={"model": "r"}) == "refiner"  # a refiner used as a base
+    assert field(refiner) == "init_image"  # it refines an image: no txt2img
     png = png_bytes(Image.new("RGB", (64, 64)))
     assert (
         field(tiny_sdxl_config(in_channels=9), refiner={"model": "r"}, init_image=png, mask=png) == "refiner"

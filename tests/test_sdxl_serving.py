@@ -228,7 +228,10 @@ def test_grpc_maps_the_sdxl_fields() -> None:
             negative_aesthetic_score=1.5,
         )
     )
-    assert request.original_size is not None and request.original_size.width_height == (2048, 512)
+    assert request.original_size is not None and (
+        request.original_size.width,
+        request.original_size.height,
+    ) == (2048, 512)
     assert request.crops_coords_top_left is not None and request.target_size is None
     assert request.refiner is not None and (request.refiner.model, request.refiner.switch_at) == (
         "refiner",

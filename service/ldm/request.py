@@ -198,10 +198,6 @@ class Size(BaseModel):
     width: Int = Field(ge=1, le=MAX_CONDITIONING_SIDE)
     height: Int = Field(ge=1, le=MAX_CONDITIONING_SIDE)
 
-    @property
-    def width_height(self) -> tuple[int, int]:
-        return self.width, self.height
-
 
 class Point(BaseModel):
     """A pixel position: x from the left, y from the top."""
@@ -360,16 +356,20 @@ def _resolve_sdxl(request: GenerationRequest, model: ModelConfig, width: int, he
         raise RequestError("refiner", "this model is itself an SDXL refiner: ask its base model for it")
     if model.is_refiner and request.target_size is not None:
         raise RequestError("target_size", "an SDXL refiner conditions on an aesthetic score, not this")
+    if model.is_refiner and request.init_image is None:
+        raise RequestError(
+            "init_image", "an SDXL refiner refines an image: give one (or name it as a refiner)"
+        )
     if scores and not model.is_refiner and request.refiner is None:
         raise RequestError(scores[0], "only an SDXL refiner (or a request's refiner) takes this field")
     if request.refiner is not None and model.is_inpainting:
         raise RequestError("refiner", "an inpainting model cannot hand its latent to a refiner")
-    own, crop = Size(width=width, height=height), request.crops_coords_top_left or Point(x=0, y=0)
+    o, t, c = request.original_size, request.target_size, request.crops_coords_top_left
     a, na = request.aesthetic_score, request.negative_aesthetic_score
     return {
-        "original_size": (request.original_size or own).width_height,
-        "crops_coords_top_left": (crop.x, crop.y),
-        "target_size": (request.target_size or own).width_height,
+        "original_size": (width, height) if o is None else (o.width, o.height),
+        "crops_coords_top_left": (0, 0) if c is None else (c.x, c.y),
+        "target_size": (width, height) if t is None else (t.width, t.height),
         "aesthetic_score": DEFAULT_AESTHETIC_SCORE if a is None else a,
         "negative_aesthetic_score": DEFAULT_NEGATIVE_AESTHETIC_SCORE if na is None else na,
         "refiner": request.refiner,
