@@ -28,7 +28,8 @@ from service.ldm.layout import (
     read_config,
     split_components,
 )
-from service.ldm.request import GenerationRequest, RequestError, check_refiner, resolve
+from service.ldm.request import GenerationRequest, RequestError, resolve
+from service.ldm.request_sdxl import check_refiner
 from service.ldm.sdxl_text import SDXLText, sdxl_text_state_dict
 from service.ldm.text import build_text_model, load_tokenizer
 from service.ldm.unet import UNet
@@ -290,6 +291,7 @@ def test_requests_an_sdxl_model_refuses_name_the_field(tmp_path: Path) -> None:
     assert field(base, width=60) == "width"  # sizes are multiples of 8
     assert field(sd1, original_size={"width": 8, "height": 8}) == "original_size"
     assert field(base, aesthetic_score=6.0) == "aesthetic_score"
+    assert field(base, loras=[{"name": "watercolor"}]) == "loras"  # not mapped for SDXL yet
     assert field(refiner, target_size={"width": 8, "height": 8}) == "target_size"
     assert field(refiner, refiner={"model": "r"}) == "refiner"  # a refiner used as a base
     assert field(refiner) == "init_image"  # it refines an image: no txt2img

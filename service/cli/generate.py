@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     from ..ldm.images import png_bytes
     from ..ldm.layout import CheckpointError
     from ..ldm.lora import LoraError
-    from ..ldm.request import GenerationRequest, RequestError, check_refiner, plan
+    from ..ldm.request import GenerationRequest, RequestError, plan
+    from ..ldm.request_sdxl import check_refiner
     from ..ldm.text import TokenizerError
 
     if args.output.suffix.lower() != ".png":

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..ldm.request import SAMPLERS, GenerationRequest, Refiner, RequestError, check_refiner, plan
+from ..ldm.request import SAMPLERS, GenerationRequest, RequestError, plan
+from ..ldm.request_sdxl import Refiner, check_refiner
 from ..queue import keys
 from ..queue.states import JobState, JobStatus, Webhook
 from ..settings import GatewaySettings

@@ -9,7 +9,8 @@ limits before anything is enqueued, the engine with the hard bounds below.
 
 The seed rule: a request without a seed gets one drawn once, by `resolve` (the gateway resolves before
 it enqueues, so every attempt of a job draws the same image); `plan` gives image i of n the seed
-`seed + i`. SDXL models take more (`SDXLFields`); the others refuse those fields.
+`seed + i`. SDXL models take more (`SDXLFields`: their fields, bounds, defaults and rules are in
+`request_sdxl.py`, part of this definition); the others refuse those fields.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ from pydantic import (
 )
 
 from .config import ModelConfig
+from .request_base import MODEL_NAME as MODEL_NAME
+from .request_base import Int as Int
+from .request_base import RequestError as RequestError
+from .request_sdxl import (
+    DEFAULT_AESTHETIC_SCORE,
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+    Refiner,
+    SDXLFields,
+    resolve_sdxl,
+)
 
 SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
@@ -52,27 +63,11 @@ MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask larger than this is refu
 MAX_LORA_WEIGHT = 4.0
 DEFAULT_STRENGTH = 0.8  # the models' default (ModelConfig.default_strength) when they do not say
 DEFAULT_ETA = 0.0
-MAX_CONDITIONING_SIDE = 16384  # SDXL's size conditioning may name any photo size, beyond MAX_SIDE
-MAX_AESTHETIC_SCORE = 10.0  # the LAION aesthetic predictor's scale
-DEFAULT_AESTHETIC_SCORE = 6.0
-DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
-DEFAULT_SWITCH_AT = 0.8
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# How a served model is named: the `model` field of every API, and part of its Redis keys.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A LoRA adapter's name: its file in the LoRA directory is `<name>.safetensors` (no path separators).
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,127}$")
 # AUTOMATIC1111's prompt syntax for an adapter: `<lora:name>` or `<lora:name:weight>`.
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-class RequestError(ValueError):
-    """A request that cannot run as given; `field` names the offending field (the request's name)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def first_error(e: ValidationError) -> RequestError:
@@ -80,11 +75,6 @@ def first_error(e: ValidationError) -> RequestError:
     error = e.errors()[0]
     message = error["msg"].removeprefix("Value error, ")
     return RequestError(".".join(map(str, error["loc"])) or "request", message)
-
-
-def _integral(value: Any) -> Any:
-    """JSON Schema's integers include 3.0: accepted as 3 (strings and booleans are still refused)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _base64(value: Any) -> Any:
@@ -108,8 +98,6 @@ def _known_sampler(name: str) -> str:
 Sampler = Annotated[
     str, AfterValidator(_known_sampler), WithJsonSchema({"type": "string", "enum": list(SAMPLERS)})
 ]
-# Strict about types (no "5" for 5, no true for 1), but with JSON Schema's idea of an integer.
-Int = Annotated[int, BeforeValidator(_integral)]
 PngImage = Annotated[
     bytes,
     BeforeValidator(_base64),
@@ -188,48 +176,6 @@ class ImageFields(BaseModel):
         if value is not None and info.data.get("init_image") is None:
             raise ValueError("a mask needs an init image")
         return value
-
-
-class Size(BaseModel):
-    """A size in pixels (SDXL's size conditioning)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    width: Int = Field(ge=1, le=MAX_CONDITIONING_SIDE)
-    height: Int = Field(ge=1, le=MAX_CONDITIONING_SIDE)
-
-
-class Point(BaseModel):
-    """A pixel position: x from the left, y from the top."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    x: Int = Field(ge=0, le=MAX_CONDITIONING_SIDE)
-    y: Int = Field(ge=0, le=MAX_CONDITIONING_SIDE)
-
-
-class Refiner(BaseModel):
-    """SDXL's base -> refiner hand-off ("ensemble of experts"): the base runs the first `switch_at` of
-    the noise schedule (diffusers' denoising_end), the refiner finishes the latent, in the same job."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(pattern=MODEL_NAME.pattern, description="a served SDXL refiner")
-    switch_at: float = Field(default=DEFAULT_SWITCH_AT, gt=0.0, lt=1.0, description="the base's share")
-
-
-class SDXLFields(BaseModel):
-    """SDXL's conditioning (the SDXL report, sec. 2.2) as diffusers' pipelines take it; absent: their
-    defaults (original and target size: the image's; crop 0, 0; aesthetic scores 6.0 and 2.5)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    original_size: Size | None = Field(default=None, description="SDXL: the size it looks cropped from")
-    crops_coords_top_left: Point | None = Field(default=None, description="SDXL: where that crop starts")
-    target_size: Size | None = Field(default=None, description="SDXL base: the size it is meant at")
-    aesthetic_score: float | None = Field(default=None, ge=0.0, le=MAX_AESTHETIC_SCORE)
-    negative_aesthetic_score: float | None = Field(default=None, ge=0.0, le=MAX_AESTHETIC_SCORE)
-    refiner: Refiner | None = Field(default=None, description="SDXL base: finish with this refiner")
 
 
 class GenerationRequest(TextFields, ImageFields, SDXLFields):
@@ -325,7 +271,7 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
     steps = model.default_steps if request.steps is None else request.steps
     if not 1 <= steps <= limits.max_steps:
         raise RequestError("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
-    sdxl = _resolve_sdxl(request, model, width, height)
+    sdxl = resolve_sdxl(request, model, width, height)
     return ResolvedRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -342,46 +288,6 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         loras=tuple((ref.name, ref.weight) for ref in request.loras or ()),
         **sdxl,
     )
-
-
-def _resolve_sdxl(request: GenerationRequest, model: ModelConfig, width: int, height: int) -> dict[str, Any]:
-    """SDXL's conditioning with diffusers' defaults; a field the model does not take is refused."""
-    given = [name for name in SDXLFields.model_fields if getattr(request, name) is not None]
-    if not model.is_sdxl:
-        if given:
-            raise RequestError(given[0], "only SDXL models take this field")
-        return {}
-    scores = [name for name in given if name.endswith("aesthetic_score")]
-    if model.is_refiner and request.refiner is not None:
-        raise RequestError("refiner", "this model is itself an SDXL refiner: ask its base model for it")
-    if model.is_refiner and request.target_size is not None:
-        raise RequestError("target_size", "an SDXL refiner conditions on an aesthetic score, not this")
-    if model.is_refiner and request.init_image is None:
-        raise RequestError(
-            "init_image", "an SDXL refiner refines an image: give one (or name it as a refiner)"
-        )
-    if scores and not model.is_refiner and request.refiner is None:
-        raise RequestError(scores[0], "only an SDXL refiner (or a request's refiner) takes this field")
-    if request.refiner is not None and model.is_inpainting:
-        raise RequestError("refiner", "an inpainting model cannot hand its latent to a refiner")
-    o, t, c = request.original_size, request.target_size, request.crops_coords_top_left
-    a, na = request.aesthetic_score, request.negative_aesthetic_score
-    return {
-        "original_size": (width, height) if o is None else (o.width, o.height),
-        "crops_coords_top_left": (0, 0) if c is None else (c.x, c.y),
-        "target_size": (width, height) if t is None else (t.width, t.height),
-        "aesthetic_score": DEFAULT_AESTHETIC_SCORE if a is None else a,
-        "negative_aesthetic_score": DEFAULT_NEGATIVE_AESTHETIC_SCORE if na is None else na,
-        "refiner": request.refiner,
-    }
-
-
-def check_refiner(refiner: Refiner, base: ModelConfig, model: ModelConfig) -> None:
-    """A hand-off from `base` to `model` (the refiner's config) can run; RequestError("refiner") if not."""
-    if not model.is_refiner:
-        raise RequestError("refiner", f"model {refiner.model!r} is not an SDXL refiner")
-    if (model.latent_channels, model.downsample_factor) != (base.latent_channels, base.downsample_factor):
-        raise RequestError("refiner", f"model {refiner.model!r} has another latent space than this model")
 
 
 def plan(request: GenerationRequest, n: int, model: ModelConfig, limits: Limits) -> list[GenerationRequest]:

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .batch import Added, Handoff, Member
 from .config import SDXL_TIME_ID_WIDTH
-from .request import RequestError, ResolvedRequest, check_refiner
+from .request import RequestError, ResolvedRequest
+from .request_sdxl import check_refiner
 from .samplers import Sampler
 from .schedule import DiscreteSchedule
 from .sdxl_text import SDXLConditioner, SDXLEmbedding
