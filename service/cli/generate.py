@@ -29,14 +29,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--model",
         type=Path,
         default=None,
-        help="a .safetensors checkpoint (SD 1.x/2.x or this project's format) or a folder "
+        help="a .safetensors checkpoint (SD 1.x/2.x/XL or this project's format) or a folder "
         "holding one (default: the bundled demo model)",
     )
     p.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
-        help="folder with vocab.json and merges.txt (default: tokenizer/ beside the checkpoint)",
+        help="folder with vocab.json and merges.txt; SDXL: a folder holding tokenizer/ and tokenizer_2/ "
+        "(default: beside the checkpoint)",
     )
     p.add_argument(
         "--prediction",
@@ -61,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--strength",
         type=float,
         default=None,
-        help="how much of the init image to repaint, 0 (none) to 1 (all; default 0.8)",
+        help="how much of the init image to repaint, 0 (none) to 1 (all; default 0.8, SDXL refiner 0.3)",
     )
     p.add_argument("--mask", type=Path, default=None, help="inpainting mask PNG: white is repainted")
     p.add_argument(
@@ -71,6 +72,41 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="FILE[:WEIGHT]",
         help="apply a LoRA adapter (.safetensors, kohya or PEFT) at WEIGHT (default 1); repeatable",
+    )
+    sdxl = p.add_argument_group("SDXL")
+    sdxl.add_argument(
+        "--original-size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="size conditioning (default: the image's)",
+    )
+    sdxl.add_argument(
+        "--crops-coords-top-left",
+        type=_point,
+        default=None,
+        metavar="X,Y",
+        help="crop conditioning (default 0,0)",
+    )
+    sdxl.add_argument(
+        "--target-size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="base: target size (default: the image's)",
+    )
+    sdxl.add_argument("--aesthetic-score", type=float, default=None, help="refiner: conditioning score (6.0)")
+    sdxl.add_argument(
+        "--negative-aesthetic-score", type=float, default=None, help="refiner: the negative branch's (2.5)"
+    )
+    sdxl.add_argument(
+        "--refiner",
+        type=Path,
+        default=None,
+        help="an SDXL refiner checkpoint that finishes the base's latents",
+    )
+    sdxl.add_argument(
+        "--switch-at", type=float, default=None, help="with --refiner: the base's share of the schedule (0.8)"
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
     p.add_argument(
@@ -96,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from ..ldm.layout import CheckpointError
     from ..ldm.lora import LoraError
     from ..ldm.request import GenerationRequest, RequestError, plan
+    from ..ldm.request_sdxl import check_refiner
     from ..ldm.text import TokenizerError
 
     if args.output.suffix.lower() != ".png":
@@ -111,14 +148,31 @@ def run(args: argparse.Namespace) -> int:
         mask = _png_file(args.mask)
     except OSError as e:
         return fail("generate", f"cannot read image: {e}")
+    if args.switch_at is not None and args.refiner is None:
+        return fail("generate", "--switch-at: needs --refiner")
     try:
         engine = Engine.load(
             args.model or bundled_model(), args.tokenizer, args.device, dtype, args.prediction
         )
+        refiners = {}
+        if args.refiner is not None:
+            refiners[REFINER] = Engine.load(args.refiner, None, args.device, dtype)
     except (CheckpointError, TokenizerError, ValueError) as e:
         return fail("generate", str(e))
     fields = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed")
-    values = {name: getattr(args, name) for name in (*fields, "eta", "strength")}
+    sdxl = (
+        "original_size",
+        "crops_coords_top_left",
+        "target_size",
+        "aesthetic_score",
+        "negative_aesthetic_score",
+    )
+    values = {name: getattr(args, name) for name in (*fields, *sdxl, "eta", "strength")}
+    if args.refiner is not None:
+        values["refiner"] = {
+            "model": REFINER,
+            **({} if args.switch_at is None else {"switch_at": args.switch_at}),
+        }
     files = {_lora_name(path, i): (path, weight) for i, (path, weight) in enumerate(args.lora)}
     loras = [{"name": name, "weight": weight} for name, (_, weight) in files.items()]
     try:
@@ -130,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
             {**values, "init_image": init_image, "mask": mask, "loras": loras or None}
         )
         requests = plan(base, args.n, engine.config, _limits())
+        if base.refiner is not None:
+            check_refiner(base.refiner, engine.config, refiners[REFINER].config)
     except RequestError as e:
-        return fail("generate", f"--{e.field.replace('_', '-')}: {e.message}")
+        flag = e.field.split(".")[0].replace("_", "-")
+        return fail("generate", f"--{flag}: {e.message}")
     total = sum(engine.resolve(r).steps for r in requests)
     with tqdm(total=total, desc="denoising", unit="step", disable=None) as bar:
         done: dict[int, int] = {}
@@ -140,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
             bar.update(step - done.get(index, 0))
             done[index] = step
 
-        results = engine.generate(requests, progress=progress, adapters=adapters.__getitem__)
+        results = engine.generate(
+            requests, progress=progress, adapters=adapters.__getitem__, refiners=refiners
+        )
     outputs = (
         [args.output]
         if args.n == 1
@@ -175,6 +234,25 @@ def _lora_name(path: Path, index: int) -> str:
     """The adapter's name in the request (and the PNG's parameters): its file's stem when that is a
     valid name."""
     return path.stem if LORA_NAME.match(path.stem) else f"lora{index}"
+
+
+REFINER = "refiner"  # the name the request gives the --refiner model
+
+
+def _size(text: str) -> dict[str, int]:
+    """`WxH` -> the request's size object (its bounds are the request's)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1024x1024, got {text!r}")
+    return {"width": int(width), "height": int(height)}
+
+
+def _point(text: str) -> dict[str, int]:
+    """`X,Y` -> the request's point object."""
+    x, sep, y = text.partition(",")
+    if not sep or not x.strip().isdigit() or not y.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected X,Y, e.g. 0,0, got {text!r}")
+    return {"x": int(x), "y": int(y)}
 
 
 def _limits() -> Limits:

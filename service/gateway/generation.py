@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..ldm.request import SAMPLERS, GenerationRequest, RequestError, plan
+from ..ldm.request_sdxl import Refiner, check_refiner
 from ..queue import keys
 from ..queue.states import JobState, JobStatus, Webhook
 from ..settings import GatewaySettings
 from .auth import ApiKeys
-from .catalog import Catalog
+from .catalog import Catalog, ModelInfo
 from .errors import (
     GatewayError,
     InvalidField,
@@ -123,12 +124,32 @@ class Gateway:
                         "webhook", "webhooks are off here (no LDM_WEBHOOK_SECRET to sign them)"
                     )
                 await check_url(webhook.url, self.settings.webhook_allow)
+            if request.refiner is not None:
+                await self._check_refiner(info, request.refiner)
             job_ids = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
         except (InvalidField, NotFound, UnknownLora, QueueFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
         self.metrics.submitted.labels(name).inc(len(job_ids))
         return Submission(job_ids[0], name, job_ids, [int(r.seed or 0) for r in requests], received)
+
+    async def _check_refiner(self, base: ModelInfo, refiner: Refiner) -> None:
+        """An SDXL hand-off runs on one worker holding both models: 404 for a refiner not served here,
+        422 for a model that is no refiner, or when the base's live workers all lack it. While no
+        worker serves the base, the job is accepted (workers may be scaling from zero); a worker
+        without the refiner then fails it, naming the model."""
+        found = self.catalog.get(refiner.model)
+        if found is None:
+            raise NotFound(f"refiner model {refiner.model!r} is not served here; see /v1/models")
+        try:
+            check_refiner(refiner, base.config, found.config)
+        except RequestError as e:
+            raise InvalidField(e.field, e.message) from None
+        serving = [models for models in await self.jobs.models_by_worker() if base.name in models]
+        if serving and not any(refiner.model in models for models in serving):
+            raise InvalidField(
+                "refiner", f"no live worker serves {refiner.model!r} together with {base.name!r}"
+            )
 
     def invalid(self, e: RequestError) -> InvalidField:
         """A request an adapter could not map (a bad field), counted as refused."""
@@ -198,6 +219,7 @@ class Gateway:
                     "default_sampler": config.default_sampler,
                     "samplers": list(SAMPLERS),
                     "inpainting": config.is_inpainting,
+                    "refiner": config.is_refiner,
                     "live_workers": live.get(info.name, 0),
                     "source": info.source,
                 }

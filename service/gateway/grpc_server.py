@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
@@ -186,8 +187,17 @@ def parse_webhook(values: dict[str, Any]) -> Webhook:
 
 def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
     """The internal request of a GenerateRequest: proto3 optional fields left unset are absent."""
-    fields = ("width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "strength")
-    values = {field: getattr(request, field) for field in fields if request.HasField(field)}
+    fields: tuple[str, ...] = ("width", "height", "steps", "guidance_scale", "sampler", "seed", "eta")
+    fields += ("strength", "aesthetic_score", "negative_aesthetic_score")
+    values: dict[str, object] = {
+        field: getattr(request, field) for field in fields if request.HasField(field)
+    }
+    for field in ("original_size", "crops_coords_top_left", "target_size", "refiner"):
+        if request.HasField(field):  # messages: as the request's objects, their unset optionals left out
+            message = getattr(request, field)
+            values[field] = MessageToDict(
+                message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
     loras = [
         {"name": lora.name, **({"weight": lora.weight} if lora.HasField("weight") else {})}
         for lora in request.loras

@@ -207,20 +207,30 @@ class JobService:
 
     def live_workers(self) -> dict[str, int]:
         """Workers whose heartbeat is live, per model they serve (blocking)."""
-        names = self.store.workers()
         counts: dict[str, int] = {}
+        for models in self.worker_models():
+            for model in models:
+                counts[model] = counts.get(model, 0) + 1
+        return counts
+
+    def worker_models(self) -> list[list[str]]:
+        """The models of each worker whose heartbeat is live (blocking)."""
+        names = self.store.workers()
         beats = self.store.redis.mget([keys.worker(name) for name in names]) if names else []
+        found = []
         for raw in cast(list[Any], beats):
             try:
                 models = json.loads(text(raw)).get("models", []) if raw else []
             except (ValueError, AttributeError):
                 continue
-            for model in models:
-                counts[model] = counts.get(model, 0) + 1
-        return counts
+            found.append([str(model) for model in models])
+        return found
 
     async def workers_by_model(self) -> dict[str, int]:
         return await self._run(self.live_workers)
+
+    async def models_by_worker(self) -> list[list[str]]:
+        return await self._run(self.worker_models)
 
     # -- waiting ----------------------------------------------------------------------------------
 

@@ -11,12 +11,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..ldm.request import MAX_N, MODEL_NAME, GenerationRequest, ImageFields, Int, PngImage, TextFields
+from ..ldm.request import (
+    MAX_N,
+    MODEL_NAME,
+    GenerationRequest,
+    ImageFields,
+    Int,
+    PngImage,
+    SDXLFields,
+    TextFields,
+)
 from ..queue.states import Webhook
 from .openai_schemas import OpenAIModel
 
 
-class Txt2ImgCreate(TextFields):
+class Txt2ImgCreate(TextFields, SDXLFields):
     """Absent fields take the model's defaults (see GET /v1/models); `seed` is chosen when absent."""
 
     model_config = ConfigDict(strict=True)
@@ -117,6 +126,7 @@ class ModelPublic(BaseModel):
     default_sampler: str
     samplers: list[str]
     inpainting: bool
+    refiner: bool = Field(description="an SDXL refiner: img2img, or the second stage of a base's request")
     live_workers: int
     source: str = Field(description="where these facts came from: metadata, weights or defaults")
 

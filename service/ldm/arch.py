@@ -40,20 +40,20 @@ def _transformer_depth(shapes: Shapes, prefix: str) -> int:
     return len(_indices(shapes, f"{prefix}.transformer_blocks."))
 
 
-def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2"]) -> UNetConfig:
+def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2", "sdxl"]) -> UNetConfig:
     """UNetConfig of CompVis-layout UNet weights (`model.diffusion_model.` stripped).
 
     `family` supplies what shapes cannot tell: how channels split into heads (SD 1.x: 8 heads
-    everywhere; SD 2.x: heads of width 64). Raises ValueError for anything else than a UNet of
-    that layout with uniform depth and res-block count (e.g. SDXL's per-level depths).
+    everywhere; SD 2.x and SDXL: heads of width 64). SD 1/2 UNets have one transformer depth; SDXL's
+    differ per level (base 0, 2, 10; refiner 0, 4, 4, 0) and carry the additional embedding
+    `label_emb`. Raises ValueError for anything else (e.g. res-block counts that differ per level).
     """
-    what = "a Stable Diffusion UNet"
+    what = "an SDXL UNet" if family == "sdxl" else "a Stable Diffusion UNet"
     mc, in_channels = _shape(shapes, "input_blocks.0.0.weight", what, ndim=4)[:2]
     out_channels = _shape(shapes, "out.2.weight", what, ndim=4)[0]
     if _shape(shapes, "time_embed.0.weight", what, ndim=2) != (4 * mc, mc):
         raise ValueError(f"weights do not look like {what}: time_embed.0 is not ({4 * mc}, {mc})")
-    if any(key.startswith("label_emb.") for key in shapes):
-        raise ValueError("class-conditional UNets (label_emb, e.g. SDXL) are not supported")
+    adm_in_channels = _label_emb(shapes, 4 * mc, family)
 
     # Input blocks: split the res blocks into levels at the downsamplers (`.0.op`).
     levels: list[list[int]] = [[]]
@@ -72,7 +72,7 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2"]) -> UNetConf
 
     channel_mult: list[int] = []
     attention_levels: list[int] = []
-    depths: set[int] = set()
+    level_depths: list[int] = []
     for n, blocks in enumerate(levels):
         width = _shape(shapes, f"input_blocks.{blocks[0]}.0.out_layers.3.weight", what, ndim=4)[0]
         if width % mc:
@@ -81,9 +81,14 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2"]) -> UNetConf
         has_attention = [f"input_blocks.{i}.1.proj_in.weight" in shapes for i in blocks]
         if any(has_attention) != all(has_attention):
             raise ValueError(f"unsupported UNet: only some blocks of level {n} have attention")
+        depths = {_transformer_depth(shapes, f"input_blocks.{i}.1") for i in blocks if has_attention[0]}
+        if len(depths) > 1:
+            raise ValueError(
+                f"unsupported UNet: transformer depth varies within level {n} ({sorted(depths)})"
+            )
+        level_depths.append(depths.pop() if depths else 0)
         if all(has_attention):
             attention_levels.append(n)
-            depths.update(_transformer_depth(shapes, f"input_blocks.{i}.1") for i in blocks)
 
     num_output = len(_indices(shapes, "output_blocks."))
     if num_output != len(levels) * (num_res_blocks + 1):
@@ -93,14 +98,15 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2"]) -> UNetConf
 
     mid = "middle_block.1"
     proj_in = _shape(shapes, f"{mid}.proj_in.weight", what)
-    depths.add(_transformer_depth(shapes, mid))
-    if len(depths) != 1 or 0 in depths:
-        raise ValueError(f"unsupported UNet: transformer depth varies or is zero ({sorted(depths)})")
+    middle_depth = _transformer_depth(shapes, mid)
+    used = {level_depths[n] for n in attention_levels} | {middle_depth}
+    if 0 in used or (family != "sdxl" and len(used) != 1):
+        raise ValueError(f"unsupported UNet: transformer depth varies or is zero ({sorted(used)})")
     context_dim = _shape(shapes, f"{mid}.transformer_blocks.0.attn2.to_k.weight", what, ndim=2)[1]
 
-    # SD 1.x configs set num_heads: 8; SD 2.x set num_head_channels: 64.
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
+    # SD 1.x configs set num_heads: 8; SD 2.x and SDXL set num_head_channels: 64.
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', got {family!r}")
     num_heads, head_dim = (8, None) if family == "sd1" else (None, 64)
     cfg = UNetConfig(
         in_channels=in_channels,
@@ -109,11 +115,13 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2"]) -> UNetConf
         channel_mult=tuple(channel_mult),
         num_res_blocks=num_res_blocks,
         attention_levels=tuple(attention_levels),
-        transformer_depth=depths.pop(),
+        transformer_depth=middle_depth,
         context_dim=context_dim,
         num_heads=num_heads,
         head_dim=head_dim,
         use_linear_projection=len(proj_in) == 2,
+        level_depths=tuple(level_depths) if family == "sdxl" else (),
+        adm_in_channels=adm_in_channels,
     )
     for n in (*attention_levels, len(channel_mult) - 1):  # the last level's width is the middle's
         ch = mc * channel_mult[n]
@@ -121,6 +129,21 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2"]) -> UNetConf
         if h * d != ch or h == 0:
             raise ValueError(f"{ch} attention channels do not split into {family} heads")
     return cfg
+
+
+def _label_emb(shapes: Shapes, emb_dim: int, family: str) -> int:
+    """Input width of the additional embedding `label_emb.0` (Linear, SiLU, Linear); 0 when absent."""
+    if not any(key.startswith("label_emb.") for key in shapes):
+        if family == "sdxl":
+            raise ValueError("weights do not look like an SDXL UNet: no label_emb.0.0.weight")
+        return 0
+    if family != "sdxl":
+        raise ValueError("class-conditional UNets (label_emb) are only supported in SDXL checkpoints")
+    what = "an SDXL UNet"
+    rows, width = _shape(shapes, "label_emb.0.0.weight", what, ndim=2)
+    if rows != emb_dim or _shape(shapes, "label_emb.0.2.weight", what, ndim=2) != (emb_dim, emb_dim):
+        raise ValueError(f"weights do not look like {what}: label_emb does not map to {emb_dim} channels")
+    return width
 
 
 def infer_autoencoder_config(shapes: Shapes) -> AutoencoderConfig:

@@ -5,6 +5,10 @@ prompt embeddings and random generator. The timestep is a per-sample input of th
 members' noise levels can all differ and one call serves them all, classifier-free-guidance pairs
 included (Ho & Salimans 2022: the negative prompt is the unconditional branch). Members join and
 leave between steps; that is what lets a worker admit new requests into a running batch.
+
+SDXL's added conditioning (pooled text, size / crop / aesthetic ids) is per row too, so members of
+different `original_size` share the call. A member handed from an SDXL base to its refiner (`Handoff`)
+continues on the refiner's UNet: each step makes one call per model that has members.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,44 @@ class LatentBlend:
         return target * self.keep + x * (1 - self.keep)
 
 
+@dataclass(frozen=True)
+class Added:
+    """SDXL's added conditioning of one UNet row, diffusers' `added_cond_kwargs`."""
+
+    text_embeds: Tensor  # (1, P) pooled text embedding
+    time_ids: Tensor  # (1, n) original size, crop top-left, then target size (base) or aesthetic score
+
+
+class Decoder(Protocol):
+    """What decodes a finished member's latent (an engine)."""
+
+    def decode(self, latents: Tensor) -> list[Any]: ...
+
+
+@dataclass(eq=False)
+class Handoff:
+    """SDXL's "ensemble of experts" (Podell et al. 2023, sec. 2.5; Balaji et al. 2022): from step `at`
+    of the schedule, the member continues on the refiner's UNet with the refiner's conditioning and
+    is decoded by it. The sampler keeps its position and forgets its history (`Sampler.restart`),
+    as diffusers' `denoising_start` pipeline starts a scheduler of its own."""
+
+    at: int  # schedule index (Sampler.index) of the refiner's first step
+    denoiser: Denoiser
+    cond: Tensor
+    uncond: Tensor | None
+    added: Added
+    uncond_added: Added | None
+    decoder: Decoder
+
+    def apply(self, member: Member) -> None:
+        assert member.sampler is not None
+        member.cond, member.uncond = self.cond, self.uncond
+        member.added, member.uncond_added = self.added, self.uncond_added
+        member.denoiser, member.decoder = self.denoiser, self.decoder
+        member.sampler.restart()
+        member.handoff = None
+
+
 @dataclass(eq=False)
 class Member:
     """One image being denoised. `sampler` is None when there is nothing to denoise (strength 0)."""
@@ -60,6 +102,13 @@ class Member:
     steps_done: int = 0
     step_seconds: float = 0.0
     joined: float = field(default_factory=time.perf_counter)
+    # SDXL: added conditioning of the cond / uncond rows; a pending hand-off to the refiner, and once
+    # it happened, the refiner's denoiser and decoder (None: the batch's and its engine's).
+    added: Added | None = None
+    uncond_added: Added | None = None
+    handoff: Handoff | None = None
+    denoiser: Denoiser | None = None
+    decoder: Decoder | None = None
 
     @property
     def done(self) -> bool:
@@ -122,18 +171,35 @@ class DenoisingBatch:
 
     @torch.inference_mode()
     def _advance(self, active: list[Member]) -> None:
+        groups: dict[int, tuple[Denoiser, list[Member]]] = {}
+        for m in active:
+            assert m.sampler is not None
+            if m.handoff is not None and m.sampler.index >= m.handoff.at:
+                m.handoff.apply(m)
+            denoiser = m.denoiser or self.denoiser
+            groups.setdefault(id(denoiser), (denoiser, []))[1].append(m)
+        for denoiser, members in groups.values():  # one UNet call per model
+            self._advance_with(denoiser, members)
+
+    def _advance_with(self, denoiser: Denoiser, active: list[Member]) -> None:
         xs, sigmas, contexts, concats = [], [], [], []
+        text_embeds, time_ids = [], []
         row_loras: list[tuple[tuple[LoraAdapter, float], ...]] = []
         for m in active:
             assert m.sampler is not None
-            branches = [m.cond] if m.uncond is None else [m.cond, m.uncond]
-            for context in branches:
+            branches = (
+                [(m.cond, m.added)] if m.uncond is None else [(m.cond, m.added), (m.uncond, m.uncond_added)]
+            )
+            for context, added in branches:
                 xs.append(m.x)
                 sigmas.append(m.sampler.sigma)
                 contexts.append(context)
                 row_loras.append(m.loras)
                 if m.concat is not None:
                     concats.append(m.concat)
+                if added is not None:
+                    text_embeds.append(added.text_embeds)
+                    time_ids.append(added.time_ids)
         x = torch.cat(xs)  # (rows, C, h, w)
         sigma = torch.tensor(sigmas, dtype=torch.float32)  # (rows,), on the CPU: the denoiser moves it
         context, context_mask = _pad_contexts(contexts)
@@ -146,7 +212,12 @@ class DenoisingBatch:
             extra["context_mask"] = context_mask
         if any(row_loras):  # only then: a plain UNet callable takes no `loras`
             extra["loras"] = row_loras
-        denoised = self.denoiser(x, sigma, context=context, **extra)  # (rows, C, h, w)
+        if text_embeds:
+            if len(text_embeds) != len(xs):
+                raise ValueError("an SDXL model needs added conditioning for every member")
+            extra["text_embeds"] = torch.cat(text_embeds)  # (rows, P)
+            extra["time_ids"] = torch.cat(time_ids)  # (rows, n)
+        denoised = denoiser(x, sigma, context=context, **extra)  # (rows, C, h, w)
 
         row = 0
         for m in active:

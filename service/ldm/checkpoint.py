@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,9 +52,13 @@ class LoadedModel:
     config: ModelConfig
     unet: UNet
     autoencoder: Autoencoder
-    text_model: CLIPTextModel
+    text_model: CLIPTextModel  # SDXL: the first encoder (the base's ViT-L, the refiner's ViT-bigG)
     tokenizer: CLIPTokenizer
     source: Path
+    # SDXL: the base's second encoder (ViT-bigG) and its tokenizer; the pooled projection of the last one.
+    text_model_2: CLIPTextModel | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    text_projection: torch.nn.Linear | None = None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -134,7 +139,10 @@ def load_model(
     tokenizer_dir: Path | None = None,
     prediction: Prediction | None = None,
 ) -> LoadedModel:
-    """Reads a checkpoint (SD 1.x / 2.x single file, or the project's own format), on the CPU in fp32."""
+    """Reads a checkpoint (SD 1.x / 2.x / XL single file, or the project's own format), on the CPU, in
+    the file's dtype (the engine casts). Every network is built on the meta device and takes the
+    file's tensors as they are: nothing is allocated twice (SDXL's UNet alone is 2.6 B parameters)."""
+    started = time.perf_counter()
     path = resolve_checkpoint(path)
     tensors, metadata = read_safetensors(path)
     parts = split_components(tensors)
@@ -143,7 +151,17 @@ def load_model(
         config = config.with_prediction(prediction)
     if config.family == "sd2" and config.prediction == "v":
         config = replace(config, sample_size=768)
-    tokenizer = load_tokenizer(find_tokenizer(path, tokenizer_dir))
+    text_model_2, tokenizer_2, projection = None, None, None
+    if config.is_sdxl:
+        from .sdxl_text import find_sdxl_tokenizers, load_sdxl_text  # sdxl_text imports this module
+
+        text = load_sdxl_text(parts, config, find_sdxl_tokenizers(path, tokenizer_dir, config.is_refiner))
+        text_model, tokenizer, projection = text.encoders[0], text.tokenizers[0], text.projection
+        if len(text.encoders) == 2:
+            text_model_2, tokenizer_2 = text.encoders[1], text.tokenizers[1]
+    else:
+        tokenizer = load_tokenizer(find_tokenizer(path, tokenizer_dir))
+        text_model = _load_sd_text(parts, config, tokenizer)
 
     # Built without initialising weights that the file replaces anyway (9 s for SD 1.5's UNet).
     with torch.device("meta"):
@@ -151,10 +169,31 @@ def load_model(
         autoencoder = Autoencoder(config.autoencoder)
     load_strict(unet, parts["unet"], UNET_PREFIX)
     load_strict(autoencoder, parts["vae"], VAE_PREFIX)
+    text_modules = [m for m in (text_model, text_model_2) if m is not None]
+    log.info(
+        "loaded %s in %.1f s: %s%s, %s-prediction, parameters: UNet %.1fM, autoencoder %.1fM, text %s",
+        path.name,
+        time.perf_counter() - started,
+        config.family,
+        (" refiner" if config.is_refiner else " base") if config.is_sdxl else "",
+        config.prediction,
+        _millions(unet),
+        _millions(autoencoder),
+        " + ".join(f"{_millions(m):.1f}M" for m in text_modules),
+    )
+    return LoadedModel(
+        config, unet, autoencoder, text_model, tokenizer, path, text_model_2, tokenizer_2, projection
+    )
+
+
+def _load_sd_text(
+    parts: Mapping[str, Mapping[str, Tensor]], config: ModelConfig, tokenizer: CLIPTokenizer
+) -> CLIPTextModel:
+    """SD 1.x (transformers' layout) or 2.x (OpenCLIP, converted; the last layer left out)."""
     text_model = build_text_model(config.text, tokenizer)
     if parts["clip_openclip"]:
         layers = int(text_model.config.num_hidden_layers)
-        text_state, dropped = openclip_to_hf(parts["clip_openclip"], layers)
+        text_state, dropped = openclip_to_hf(dict(parts["clip_openclip"]), layers)
         log.debug("text encoder: left out %s", ", ".join(dropped))
         load_strict(text_model, text_state, CLIP_OPENCLIP_PREFIX + "(converted) ")
     else:
@@ -163,16 +202,7 @@ def load_model(
         raise CheckpointError(
             f"tokenizer has {len(tokenizer)} tokens but the text encoder only {config.text.vocab_size}"
         )
-    log.info(
-        "loaded %s: %s, %s-prediction, UNet %.1fM, autoencoder %.1fM, text encoder %.1fM parameters",
-        path.name,
-        config.family,
-        config.prediction,
-        _millions(unet),
-        _millions(autoencoder),
-        _millions(text_model),
-    )
-    return LoadedModel(config, unet, autoencoder, text_model, tokenizer, path)
+    return text_model
 
 
 def _millions(module: torch.nn.Module) -> float:

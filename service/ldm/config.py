@@ -1,8 +1,13 @@
 """Architecture configs of the three networks of a latent diffusion model, as dataclasses.
 
 A checkpoint's config is either inferred from its keys and shapes (Stable Diffusion files, see
-`checkpoint.py`) or read from the JSON stored in its safetensors metadata (the project's own
+`layout.py`) or read from the JSON stored in its safetensors metadata (the project's own
 format, see `ModelConfig.to_json`).
+
+SDXL (Podell et al. 2023) adds to the SD 1/2 configs: per-level transformer depths and levels
+without attention (`UNetConfig.level_depths`), an additional embedding of the pooled text and size
+conditioning (`UNetConfig.adm_in_channels`, the `label_emb` of the original code), a second text
+encoder (`ModelConfig.text_2`) and the pooled projection of the last one (`projection_dim`).
 """
 
 from __future__ import annotations
@@ -11,8 +16,16 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-Family = Literal["sd1", "sd2", "custom"]
+Family = Literal["sd1", "sd2", "sdxl", "custom"]
 Prediction = Literal["eps", "v"]
+
+# SDXL's added conditioning (sgm's `ConcatTimestepEmbedderND`, diffusers' `addition_time_embed_dim`):
+# every size, crop and aesthetic id is Fourier-embedded to 256 channels. The base has six ids (original
+# size, crop top-left, target size: h, w each), the refiner five (target size -> aesthetic score).
+SDXL_TIME_ID_WIDTH = 256
+SDXL_BASE_TIME_IDS = 6
+SDXL_REFINER_TIME_IDS = 5
+SDXL_VAE_SCALING_FACTOR = 0.13025  # SDXL's autoencoder has SD's architecture but other latent statistics
 
 
 @dataclass(frozen=True)
@@ -41,11 +54,23 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels that have spatial transformers
-    transformer_depth: int = 1
+    transformer_depth: int = 1  # the middle block's, and every attention level's unless level_depths
     context_dim: int = 768
     num_heads: int | None = 8  # SD 1.x: a fixed number of heads in every attention layer
     head_dim: int | None = None  # SD 2.x: a fixed head width (64); exactly one of the two is set
     use_linear_projection: bool = False  # SD 2.x: proj_in / proj_out are Linear, not 1x1 conv
+    # SDXL: transformer depth per level (0 where a level has no attention), e.g. (0, 2, 10); empty:
+    # transformer_depth at every attention level (SD 1/2).
+    level_depths: tuple[int, ...] = ()
+    # SDXL: width of the additional embedding (`label_emb`): the pooled text embedding and the
+    # Fourier-embedded size / crop / aesthetic ids (2816 base, 2560 refiner); 0: none.
+    adm_in_channels: int = 0
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per spatial transformer at `level` (0: no attention there)."""
+        if level not in self.attention_levels:
+            return 0
+        return self.level_depths[level] if self.level_depths else self.transformer_depth
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of an attention layer over `channels` channels."""
@@ -67,7 +92,10 @@ class TextEncoderConfig:
     max_positions: int = 77
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     # SD 2.x conditions on the penultimate layer (then the final layer norm); SD 1.x on the last.
+    # SDXL's encoders condition on the penultimate layer's output as it is (no final norm).
     penultimate: bool = False
+    # OpenCLIP's text projection width (SDXL's ViT-bigG: the pooled embedding); 0: none used.
+    projection_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,12 +106,16 @@ class ModelConfig:
     prediction: Prediction = "eps"
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    # SD 1/2: the text encoder; SDXL base: CLIP ViT-L; SDXL refiner: its one encoder, OpenCLIP ViT-bigG.
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # SDXL base: the second encoder, OpenCLIP ViT-bigG (its pooled projection conditions the UNet too).
+    text_2: TextEncoderConfig | None = None
     # Serving defaults: the size the model was trained at, and what a request gets when silent.
     sample_size: int = 512
     default_steps: int = 20
     default_guidance: float = 7.5
     default_sampler: str = "dpmpp_2m"
+    default_strength: float = 0.8  # img2img; diffusers' SDXL refiner pipeline uses 0.3
 
     @property
     def latent_channels(self) -> int:
@@ -96,6 +128,22 @@ class ModelConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def is_refiner(self) -> bool:
+        """An SDXL refiner: one encoder (ViT-bigG), conditioned on an aesthetic score, not a target size."""
+        return self.is_sdxl and self.text_2 is None
+
+    @property
+    def pooled_text(self) -> TextEncoderConfig | None:
+        """The encoder whose pooled projection conditions the UNet (SDXL: ViT-bigG), None for SD 1/2."""
+        if not self.is_sdxl:
+            return None
+        return self.text_2 if self.text_2 is not None else self.text
 
     def with_prediction(self, prediction: Prediction) -> ModelConfig:
         return replace(self, prediction=prediction)
@@ -115,6 +163,8 @@ class ModelConfig:
             ("text", TextEncoderConfig),
         ):
             parts[name] = _build(sub, raw.pop(name, {}))
+        text_2 = raw.pop("text_2", None)
+        parts["text_2"] = None if text_2 is None else _build(TextEncoderConfig, text_2)
         return _build(cls, {**raw, **parts})
 
 

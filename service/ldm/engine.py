@@ -2,15 +2,17 @@
 
 txt2img, img2img (init image + strength) and inpainting (mask): natively with 9-channel inpainting
 checkpoints, and by latent blending with ordinary ones. Requests are prepared into batch members
-(`prepare`), advanced together (`DenoisingBatch`) and decoded as they finish (`decode`); a worker
-uses the same three calls to run continuous batching.
+(`prepare`), advanced together (`DenoisingBatch`) and decoded as they finish (`decode_members`); a
+worker uses the same three calls to run continuous batching. SDXL models condition through
+`sdxl_text.py` and `sdxl_cond.py`; an SDXL base hands a request's latent to a refiner engine given
+to `prepare` (`refiner=`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from .lora_rows import LoraRuntime, RowLoras, group_rows
 from .request import GenerationRequest, RequestError, ResolvedRequest
 from .samplers import img2img_start_step, make_sampler
 from .schedule import DiscreteSchedule
+from .sdxl_cond import added_vector, attach_handoff, condition
+from .sdxl_text import SDXLConditioner, SDXLEmbedding, SDXLText
 from .text import TextConditioner
 
 log = logging.getLogger(__name__)
@@ -64,13 +68,19 @@ class Engine:
         # The SD autoencoder overflows in fp16; like diffusers, it stays in fp32 unless bf16 is asked.
         vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
         self.autoencoder = model.autoencoder.to(self.device, vae_dtype).eval()
-        text_model = model.text_model.to(device=self.device, dtype=self.dtype)  # type: ignore[call-arg]
-        self.text = TextConditioner(text_model, model.tokenizer, text_cache)
+        self.text: TextConditioner | SDXLConditioner
+        if self.config.is_sdxl:
+            self.text = SDXLConditioner(self._sdxl_text(model), not self.config.is_refiner, text_cache)
+        else:
+            text_model = model.text_model.to(device=self.device, dtype=self.dtype)  # type: ignore[call-arg]
+            self.text = TextConditioner(text_model, model.tokenizer, text_cache)
         self.schedule = DiscreteSchedule()
         self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
+        # SDXL: adapters are refused (request.resolve), its two text encoders not being mapped yet.
+        text_layers = () if isinstance(self.text, SDXLConditioner) else adaptable(self.text.model)
         self.lora_layers: dict[tuple[Part, str], torch.nn.Module] = {
             **{("unet", path): layer for path, layer in adaptable(self.unet)},
-            **{("text", path): layer for path, layer in adaptable(text_model)},
+            **{("text", path): layer for path, layer in text_layers},
         }
         self.lora_names = LoraNames(self.config.unet, *_paths(self.lora_layers))
         self.unet_loras = LoraRuntime.of(self.unet, "unet")
@@ -86,6 +96,17 @@ class Engine:
     ) -> Engine:
         return cls(load_model(path, tokenizer_dir, prediction), device, dtype)
 
+    def _sdxl_text(self, model: LoadedModel) -> SDXLText:
+        """SDXL's encoders on this engine's device and dtype."""
+        encoders = [m for m in (model.text_model, model.text_model_2) if m is not None]
+        tokenizers = [t for t in (model.tokenizer, model.tokenizer_2) if t is not None]
+        assert model.text_projection is not None
+        return SDXLText(
+            [m.to(device=self.device, dtype=self.dtype) for m in encoders],  # type: ignore[call-arg]
+            tokenizers,
+            model.text_projection.to(self.device, self.dtype),
+        )
+
     def _unet_call(
         self,
         x: Tensor,
@@ -94,12 +115,17 @@ class Engine:
         context_mask: Tensor | None = None,
         concat: Tensor | None = None,
         loras: RowLoras | None = None,
+        text_embeds: Tensor | None = None,
+        time_ids: Tensor | None = None,
     ) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat], dim=1)  # (B, 4 + 1 + 4, h, w) for inpainting UNets
+        y = None
+        if text_embeds is not None and time_ids is not None:  # SDXL: per row, (B, adm_in_channels)
+            y = added_vector(text_embeds.to(self.device), time_ids.to(self.device))
         groups = group_rows(loras, self.device, self.dtype) if loras else ()
         with self.unet_loras.active(groups):
-            out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype), context_mask)
+            out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype), context_mask, y)
         return out.float()
 
     def load_lora(self, path: Path, name: str | None = None) -> LoraAdapter:
@@ -120,11 +146,13 @@ class Engine:
         key: Hashable,
         *,
         loras: Sequence[tuple[LoraAdapter, float]] = (),
+        refiner: Engine | None = None,
     ) -> tuple[Member, int]:
         """Encodes the prompts and draws the starting latent; returns the member and its token count.
 
         `loras`: adapters (from `load_lora`) with their weights, applied to this member's prompt
-        encoding and to its rows of every UNet call.
+        encoding and to its rows of every UNet call. `refiner`: the engine of `request.refiner.model`
+        (an SDXL refiner), for a base -> refiner hand-off.
         """
         cfg = self.config
         f = cfg.downsample_factor
@@ -149,6 +177,12 @@ class Engine:
             loras=tuple((adapter, float(weight)) for adapter, weight in loras),
         )
         self._start_latent(member, request, noise)
+        if isinstance(cond_emb, SDXLEmbedding):
+            uncond_sdxl = None if uncond is None else uncond_emb
+            assert uncond_sdxl is None or isinstance(uncond_sdxl, SDXLEmbedding)
+            condition(member, request, cond_emb, uncond_sdxl, self.config.is_refiner)
+        if request.refiner is not None:
+            attach_handoff(self, refiner, request, member)
         return member, cond_emb.tokens
 
     def _start_latent(self, member: Member, request: ResolvedRequest, noise: Tensor) -> None:
@@ -194,6 +228,19 @@ class Engine:
             z = (latents / self.config.autoencoder.scaling_factor).to(vae_dtype)
             return to_images(self.autoencoder.decode(z))
 
+    def decode_members(self, members: Sequence[Member]) -> list[Image.Image]:
+        """Finished members' images, each decoded by its own decoder (a refiner's after a hand-off)."""
+        images: list[Image.Image | None] = [None] * len(members)
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(members):
+            groups.setdefault(id(m.decoder or self), []).append(i)
+        for rows in groups.values():
+            decoder = members[rows[0]].decoder or self
+            decoded = decoder.decode(torch.cat([members[i].final_latent() for i in rows]))
+            for i, image in zip(rows, decoded, strict=True):
+                images[i] = image
+        return [image for image in images if image is not None]
+
     def new_batch(self) -> DenoisingBatch:
         return DenoisingBatch(self.denoiser)
 
@@ -205,9 +252,11 @@ class Engine:
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[int], bool] | None = None,
         adapters: Callable[[str], LoraAdapter] | None = None,
+        refiners: Mapping[str, Engine] | None = None,
     ) -> list[GenerationResult]:
         """Runs requests together in one batch; results come back in the order given. `adapters`
-        gives the LoRA adapter a request's `loras` names (for example a `LoraCache`'s `get`)."""
+        gives the LoRA adapter a request's `loras` names (for example a `LoraCache`'s `get`);
+        `refiners` the SDXL refiner engines that requests' `refiner` fields name."""
         resolved = [self.resolve(r) for r in requests]  # every request is checked before any runs
         if any(r.loras for r in resolved) and adapters is None:
             raise RequestError("loras", "this engine was given no LoRA adapters")
@@ -217,7 +266,8 @@ class Engine:
         for index, request in enumerate(resolved):
             started[index] = time.perf_counter()
             loras = [(adapters(name), weight) for name, weight in request.loras] if adapters else []
-            member, tokens = self.prepare(request, index, loras=loras)
+            refiner = (refiners or {}).get(request.refiner.model) if request.refiner is not None else None
+            member, tokens = self.prepare(request, index, loras=loras, refiner=refiner)
             results[index] = GenerationResult(request, None, tokens)
             results[index].timings["prepare_ms"] = _ms_since(started[index])
             batch.add(member)
@@ -232,7 +282,7 @@ class Engine:
                     progress(_index(m.key), m.steps_done, m.total_steps)
             if finished:
                 decode_start = time.perf_counter()
-                images = self.decode(torch.cat([m.final_latent() for m in finished]))
+                images = self.decode_members(finished)
                 decode_ms = _ms_since(decode_start)
                 for m, image in zip(finished, images, strict=True):
                     result = results[_index(m.key)]

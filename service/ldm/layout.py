@@ -9,6 +9,9 @@ Two formats share the original CompVis / Stability key layout:
 - Stable Diffusion single files: `model.diffusion_model.*` (UNet), `first_stage_model.*`
   (autoencoder), and `cond_stage_model.transformer.*` (SD 1.x, transformers' CLIP layout) or
   `cond_stage_model.model.*` (SD 2.x, OpenCLIP layout). No config: it is inferred (`arch.py`).
+  SDXL files (Stability's `sgm` layout) hold the text encoders under `conditioner.embedders.N.`:
+  the base `0.transformer.*` (CLIP ViT-L, transformers' layout) and `1.model.*` (OpenCLIP ViT-bigG,
+  with its `text_projection`), the refiner only `0.model.*` (ViT-bigG).
 - The project's own format: the same layout, with the config as JSON in the safetensors metadata
   under `ldm.config` (`ModelConfig.to_json`).
 """
@@ -19,12 +22,19 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .arch import infer_autoencoder_config, infer_unet_config
-from .config import ModelConfig, TextEncoderConfig
+from .config import (
+    SDXL_BASE_TIME_IDS,
+    SDXL_REFINER_TIME_IDS,
+    SDXL_TIME_ID_WIDTH,
+    SDXL_VAE_SCALING_FACTOR,
+    ModelConfig,
+    TextEncoderConfig,
+)
 
 V = TypeVar("V")
 Shapes = Mapping[str, tuple[int, ...]]
@@ -33,6 +43,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_HF_PREFIX = "cond_stage_model.transformer."
 CLIP_OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
 CONFIG_METADATA_KEY = "ldm.config"
 FORMAT_METADATA = {"format": "pt", "ldm.format": "ldm-service/1"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own bound
@@ -41,7 +54,14 @@ PARTS = (
     ("vae", VAE_PREFIX),
     ("clip_hf", CLIP_HF_PREFIX),
     ("clip_openclip", CLIP_OPENCLIP_PREFIX),
+    ("sdxl_clip_l", SDXL_CLIP_L_PREFIX),
+    ("sdxl_clip_g", SDXL_CLIP_G_PREFIX),
+    ("sdxl_refiner_clip_g", SDXL_REFINER_CLIP_G_PREFIX),
 )
+SD_TEXT_PARTS = ("clip_hf", "clip_openclip")
+SDXL_TEXT_PARTS = ("sdxl_clip_l", "sdxl_clip_g", "sdxl_refiner_clip_g")
+# Serving defaults of SDXL models: diffusers' guidance (5.0) and the refiner's img2img strength (0.3).
+SDXL_DEFAULTS: dict[str, Any] = {"sample_size": 1024, "default_steps": 30, "default_guidance": 5.0}
 # Keys real SD files carry that inference does not use: the training-time DDPM buffers, the EMA
 # bookkeeping, and the autoencoder's training loss (LPIPS, discriminator).
 IGNORED = re.compile(
@@ -49,7 +69,7 @@ IGNORED = re.compile(
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod"
     r"|posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2"
     r"|logvar|lvlb_weights|model_ema\..*|first_stage_model\.loss\..*"
-    r"|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids)$"
+    r"|(cond_stage_model|conditioner\.embedders\.0)\.transformer\.(text_model\.)?embeddings\.position_ids)$"
 )
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
@@ -131,10 +151,30 @@ def split_components(state: Mapping[str, V]) -> dict[str, dict[str, V]]:
     for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX)):
         if not parts[part]:
             raise CheckpointError(f"no {prefix}* keys: this is not a Stable Diffusion checkpoint")
-    if not parts["clip_hf"] and not parts["clip_openclip"]:
-        raise CheckpointError(f"no text encoder keys ({CLIP_HF_PREFIX}* or {CLIP_OPENCLIP_PREFIX}*)")
-    parts["clip_hf"] = {normalize_hf_key(k): v for k, v in parts["clip_hf"].items()}
+    _check_text_parts({part for part, keys in parts.items() if keys})
+    for part in ("clip_hf", "sdxl_clip_l"):
+        parts[part] = {normalize_hf_key(k): v for k, v in parts[part].items()}
     return parts
+
+
+def _check_text_parts(present: set[str]) -> None:
+    """One text-encoder layout per file: SD 1.x, SD 2.x, the SDXL base (two encoders) or refiner."""
+    prefixes = dict(PARTS)
+    found = sorted(present & {*SD_TEXT_PARTS, *SDXL_TEXT_PARTS})
+    if not found:
+        raise CheckpointError(
+            f"no text encoder keys ({CLIP_HF_PREFIX}*, {CLIP_OPENCLIP_PREFIX}*, or SDXL's "
+            f"{SDXL_CLIP_L_PREFIX}* with {SDXL_CLIP_G_PREFIX}*, or {SDXL_REFINER_CLIP_G_PREFIX}*)"
+        )
+    layouts = [{"clip_hf"}, {"clip_openclip"}, {"sdxl_clip_l", "sdxl_clip_g"}, {"sdxl_refiner_clip_g"}]
+    if set(found) not in layouts:
+        if set(found) in ({"sdxl_clip_l"}, {"sdxl_clip_g"}):
+            other = "sdxl_clip_g" if found == ["sdxl_clip_l"] else "sdxl_clip_l"
+            raise CheckpointError(
+                f"an SDXL base file holds two text encoders: {prefixes[found[0]]}* but no {prefixes[other]}*"
+            )
+        named = ", ".join(f"{prefixes[part]}*" for part in found)
+        raise CheckpointError(f"text encoder keys of more than one layout: {named}")
 
 
 def infer_config(
@@ -147,6 +187,8 @@ def infer_config(
             return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: bad {CONFIG_METADATA_KEY} metadata: {e}") from None
+    if any(parts.get(part) for part in SDXL_TEXT_PARTS):
+        return infer_sdxl_config(parts, path)
     family: Literal["sd1", "sd2"] = "sd2" if parts["clip_openclip"] else "sd1"
     try:
         unet = infer_unet_config(_shapes(parts["unet"]), family)
@@ -159,18 +201,44 @@ def infer_config(
 def infer_text_config(parts: Mapping[str, Mapping[str, Any]]) -> TextEncoderConfig:
     """CLIP text encoder shape from the keys; heads are 64 wide in both SD families."""
     if parts["clip_openclip"]:
-        state = _shapes(parts["clip_openclip"])
-        vocab, width = _shape(state, "token_embedding.weight", CLIP_OPENCLIP_PREFIX)
-        positions = _shape(state, "positional_embedding", CLIP_OPENCLIP_PREFIX)[0]
-        ff = _shape(state, "transformer.resblocks.0.mlp.c_fc.weight", CLIP_OPENCLIP_PREFIX)[0]
-        layers, act, penultimate = openclip_layers(state), "gelu", True
-    else:
-        state = _shapes(parts["clip_hf"])
-        vocab, width = _shape(state, "embeddings.token_embedding.weight", CLIP_HF_PREFIX)
-        positions = _shape(state, "embeddings.position_embedding.weight", CLIP_HF_PREFIX)[0]
-        ff = _shape(state, "encoder.layers.0.mlp.fc1.weight", CLIP_HF_PREFIX)[0]
-        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
-        act, penultimate = "quick_gelu", False
+        return openclip_text_config(parts["clip_openclip"], CLIP_OPENCLIP_PREFIX)
+    return hf_text_config(parts["clip_hf"], CLIP_HF_PREFIX)
+
+
+def openclip_text_config(
+    state: Mapping[str, Any], prefix: str, projection: bool = False
+) -> TextEncoderConfig:
+    """An OpenCLIP text tower (SD 2.x's ViT-H, SDXL's ViT-bigG), conditioning on its penultimate layer;
+    `projection`: its `text_projection` is used (SDXL's pooled embedding)."""
+    shapes = _shapes(state)
+    vocab, width = _shape(shapes, "token_embedding.weight", prefix)
+    positions = _shape(shapes, "positional_embedding", prefix)[0]
+    ff = _shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight", prefix)[0]
+    projection_dim = 0
+    if projection:
+        rows, projection_dim = _shape(shapes, "text_projection", prefix)
+        if rows != width:
+            raise CheckpointError(f"{prefix}text_projection has {rows} rows, the encoder is {width} wide")
+    return TextEncoderConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=ff,
+        num_layers=openclip_layers(shapes),
+        num_heads=max(1, width // 64),
+        max_positions=positions,
+        hidden_act="gelu",
+        penultimate=True,
+        projection_dim=projection_dim,
+    )
+
+
+def hf_text_config(state: Mapping[str, Any], prefix: str, penultimate: bool = False) -> TextEncoderConfig:
+    """A CLIP text encoder in transformers' layout (SD 1.x's and SDXL's ViT-L; `text_model.` removed)."""
+    shapes = _shapes(state)
+    vocab, width = _shape(shapes, "embeddings.token_embedding.weight", prefix)
+    positions = _shape(shapes, "embeddings.position_embedding.weight", prefix)[0]
+    ff = _shape(shapes, "encoder.layers.0.mlp.fc1.weight", prefix)[0]
+    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers."))
     return TextEncoderConfig(
         vocab_size=vocab,
         hidden_size=width,
@@ -178,9 +246,49 @@ def infer_text_config(parts: Mapping[str, Mapping[str, Any]]) -> TextEncoderConf
         num_layers=layers,
         num_heads=max(1, width // 64),
         max_positions=positions,
-        hidden_act=act,  # type: ignore[arg-type]
+        hidden_act="quick_gelu",
         penultimate=penultimate,
     )
+
+
+def infer_sdxl_config(parts: Mapping[str, Mapping[str, Any]], path: Path) -> ModelConfig:
+    """SDXL base (ViT-L and ViT-bigG) or refiner (ViT-bigG alone), checked against the UNet's context
+    width and its added-embedding width (256 per time id, plus the pooled projection)."""
+    refiner = bool(parts["sdxl_refiner_clip_g"])
+    if refiner:
+        text = openclip_text_config(parts["sdxl_refiner_clip_g"], SDXL_REFINER_CLIP_G_PREFIX, projection=True)
+        text_2 = None
+        context = text.hidden_size
+    else:
+        text = hf_text_config(parts["sdxl_clip_l"], SDXL_CLIP_L_PREFIX, penultimate=True)
+        text_2 = openclip_text_config(parts["sdxl_clip_g"], SDXL_CLIP_G_PREFIX, projection=True)
+        context = text.hidden_size + text_2.hidden_size
+    try:
+        unet = infer_unet_config(_shapes(parts["unet"]), "sdxl")
+        vae = replace(infer_autoencoder_config(_shapes(parts["vae"])), scaling_factor=SDXL_VAE_SCALING_FACTOR)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    pooled = (text_2 or text).projection_dim
+    role, ids = ("refiner", SDXL_REFINER_TIME_IDS) if refiner else ("base", SDXL_BASE_TIME_IDS)
+    if unet.adm_in_channels != SDXL_TIME_ID_WIDTH * ids + pooled:
+        other_ids = SDXL_BASE_TIME_IDS if refiner else SDXL_REFINER_TIME_IDS
+        if unet.adm_in_channels == SDXL_TIME_ID_WIDTH * other_ids + pooled:
+            other = "base" if refiner else "refiner"
+            raise CheckpointError(
+                f"{path}: the UNet is an SDXL {other}'s ({UNET_PREFIX}label_emb.0.0.weight takes "
+                f"{unet.adm_in_channels} = {other_ids} x {SDXL_TIME_ID_WIDTH} + {pooled}) but the text "
+                f"encoders are the {role}'s"
+            )
+        raise CheckpointError(
+            f"{path}: {UNET_PREFIX}label_emb.0.0.weight takes {unet.adm_in_channels} channels; an SDXL "
+            f"{role} has {ids} x {SDXL_TIME_ID_WIDTH} + {pooled} (time ids + pooled text)"
+        )
+    if unet.context_dim != context:
+        raise CheckpointError(
+            f"{path}: the UNet attends to {unet.context_dim} channels, the text encoders give {context}"
+        )
+    defaults = {**SDXL_DEFAULTS, "default_strength": 0.3} if refiner else SDXL_DEFAULTS
+    return ModelConfig(family="sdxl", unet=unet, autoencoder=vae, text=text, text_2=text_2, **defaults)
 
 
 def normalize_hf_key(key: str) -> str:

@@ -9,7 +9,8 @@ limits before anything is enqueued, the engine with the hard bounds below.
 
 The seed rule: a request without a seed gets one drawn once, by `resolve` (the gateway resolves before
 it enqueues, so every attempt of a job draws the same image); `plan` gives image i of n the seed
-`seed + i`.
+`seed + i`. SDXL models take more (`SDXLFields`: their fields, bounds, defaults and rules are in
+`request_sdxl.py`, part of this definition); the others refuse those fields.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ from pydantic import (
 )
 
 from .config import ModelConfig
+from .request_base import MODEL_NAME as MODEL_NAME
+from .request_base import Int as Int
+from .request_base import RequestError as RequestError
+from .request_sdxl import (
+    DEFAULT_AESTHETIC_SCORE,
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+    Refiner,
+    SDXLFields,
+    resolve_sdxl,
+)
 
 SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
@@ -50,24 +61,13 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_LORAS = 16
 MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask larger than this is refused from its header
 MAX_LORA_WEIGHT = 4.0
-DEFAULT_STRENGTH = 0.8
+DEFAULT_STRENGTH = 0.8  # the models' default (ModelConfig.default_strength) when they do not say
 DEFAULT_ETA = 0.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# How a served model is named: the `model` field of every API, and part of its Redis keys.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A LoRA adapter's name: its file in the LoRA directory is `<name>.safetensors` (no path separators).
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,127}$")
 # AUTOMATIC1111's prompt syntax for an adapter: `<lora:name>` or `<lora:name:weight>`.
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-class RequestError(ValueError):
-    """A request that cannot run as given; `field` names the offending field (the request's name)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def first_error(e: ValidationError) -> RequestError:
@@ -75,11 +75,6 @@ def first_error(e: ValidationError) -> RequestError:
     error = e.errors()[0]
     message = error["msg"].removeprefix("Value error, ")
     return RequestError(".".join(map(str, error["loc"])) or "request", message)
-
-
-def _integral(value: Any) -> Any:
-    """JSON Schema's integers include 3.0: accepted as 3 (strings and booleans are still refused)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _base64(value: Any) -> Any:
@@ -103,8 +98,6 @@ def _known_sampler(name: str) -> str:
 Sampler = Annotated[
     str, AfterValidator(_known_sampler), WithJsonSchema({"type": "string", "enum": list(SAMPLERS)})
 ]
-# Strict about types (no "5" for 5, no true for 1), but with JSON Schema's idea of an integer.
-Int = Annotated[int, BeforeValidator(_integral)]
 PngImage = Annotated[
     bytes,
     BeforeValidator(_base64),
@@ -185,7 +178,7 @@ class ImageFields(BaseModel):
         return value
 
 
-class GenerationRequest(TextFields, ImageFields):
+class GenerationRequest(TextFields, ImageFields, SDXLFields):
     """One image to draw: the request every API maps onto, and the job spec in Redis (`to_json`)."""
 
     def to_json(self) -> str:
@@ -235,14 +228,24 @@ class ResolvedRequest:
     init_image: bytes | None
     mask: bytes | None
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight)
+    # SDXL (None / defaults for other models): sizes as (width, height), the crop as (x, y).
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    refiner: Refiner | None = None
 
     def parameters(self) -> str:
         """The text stored in the PNG, in the web UIs' `parameters` style."""
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         loras = "".join(f", LoRA: {name}:{weight:g}" for name, weight in self.loras)
+        r = self.refiner
+        refiner = "" if r is None else f", Refiner: {r.model}, Refiner switch at: {r.switch_at:g}"
         return (
             f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
-            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}{loras}"
+            f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
+            f"{loras}{refiner}"
         )
 
 
@@ -268,6 +271,7 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
     steps = model.default_steps if request.steps is None else request.steps
     if not 1 <= steps <= limits.max_steps:
         raise RequestError("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+    sdxl = resolve_sdxl(request, model, width, height)
     return ResolvedRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -278,10 +282,11 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         sampler=request.sampler or model.default_sampler,
         seed=draw_seed() if request.seed is None else request.seed,
         eta=DEFAULT_ETA if request.eta is None else request.eta,
-        strength=DEFAULT_STRENGTH if request.strength is None else request.strength,
+        strength=model.default_strength if request.strength is None else request.strength,
         init_image=request.init_image,
         mask=request.mask,
         loras=tuple((ref.name, ref.weight) for ref in request.loras or ()),
+        **sdxl,
     )
 
 

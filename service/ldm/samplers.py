@@ -59,6 +59,11 @@ class Sampler(ABC):
         self.index += 1
         return x
 
+    def restart(self) -> None:
+        """Forgets what earlier steps left (multistep history), keeping the position: a fresh scheduler
+        started at this step, as a second model's pipeline starts one (SDXL's base -> refiner)."""
+        return None
+
     def final(self, x: Tensor) -> Tensor:
         """k-space to diffusers' VP latents, x / sqrt(1 + sigma_last^2) (DDIM stops at sigma(t=0) > 0)."""
         return x / math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
@@ -108,6 +113,9 @@ class DPMPP2MSampler(Sampler):
     def __init__(self, name: str, sigmas: Tensor, start_step: int = 0) -> None:
         super().__init__(name, sigmas, start_step)
         self.old_denoised: Tensor | None = None
+
+    def restart(self) -> None:
+        self.old_denoised = None  # the next step is first order, as a fresh DPMSolverMultistepScheduler's
 
     def _update(
         self, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, generator: torch.Generator | None

@@ -4,9 +4,10 @@ layers are spatial transformers that cross-attend to the text encoder's token em
 
 Module names follow the original CompVis/Stability code (`ldm/modules/diffusionmodules/
 openaimodel.py` UNetModel and `ldm/modules/attention.py` SpatialTransformer), so the
-`model.diffusion_model.*` part of a Stable Diffusion 1.x / 2.x file loads with its prefix stripped
-and nothing else: `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`, `output_blocks.{i}.{j}`, `out.*`.
-The index holes (`in_layers.1` is a SiLU, `out_layers.2` a dropout) are kept for that reason.
+`model.diffusion_model.*` part of a Stable Diffusion 1.x / 2.x / XL file loads with its prefix
+stripped and nothing else: `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`, `output_blocks.{i}.{j}`,
+`out.*`, and SDXL's `label_emb.0.{0,2}` (sgm's `UNetModel` with `num_classes="sequential"`). The
+index holes (`in_layers.1` is a SiLU, `out_layers.2` a dropout) are kept for that reason.
 """
 
 from __future__ import annotations
@@ -238,15 +239,20 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         emb_dim = 4 * mc
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, head_dim = cfg.heads_for(ch)
             if heads * head_dim != ch:
                 raise ValueError(f"{ch} channels do not split into attention heads as configured ({cfg})")
-            return SpatialTransformer(
-                ch, heads, head_dim, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_projection
-            )
+            return SpatialTransformer(ch, heads, head_dim, depth, cfg.context_dim, cfg.use_linear_projection)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # SDXL: the pooled text embedding and the embedded size / crop / aesthetic ids (the vector `y`,
+        # built by `sdxl_cond.added_vector`) are added to the time embedding.
+        self.label_emb: nn.Sequential | None = None
+        if cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         # Encoder half: per level, num_res_blocks blocks, then a downsample except at the last level.
         self.input_blocks = nn.ModuleList(
@@ -259,8 +265,8 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
                 ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                if cfg.depth_at(level):
+                    layers.append(transformer(ch, cfg.depth_at(level)))
                 self.input_blocks.append(TimestepSequential(layers))
                 skip_channels.append(ch)
             if level != last:
@@ -269,7 +275,7 @@ class UNet(nn.Module):
 
         # The bottleneck always has a transformer, whatever attention_levels says.
         self.middle_block = TimestepSequential(
-            [ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch)]
+            [ResBlock(ch, emb_dim, ch), transformer(ch, cfg.transformer_depth), ResBlock(ch, emb_dim, ch)]
         )
 
         # Decoder half: one more block per level than the encoder, each eating one skip connection.
@@ -278,25 +284,40 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                if cfg.depth_at(level):
+                    layers.append(transformer(ch, cfg.depth_at(level)))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepSequential(layers))
 
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
         """x (B, in_channels, h, w), any h and w (upsampling follows the skips' sizes, as diffusers);
         t (B,) float timesteps (one per sample, fractional allowed); context (B, L, context_dim);
         context_mask (B, L) bool, True = a real token, False = padding (every row needs at least one
-        True). -> (B, out_channels, h, w).
+        True); y (B, adm_in_channels) SDXL's added vector, one per row. -> (B, out_channels, h, w).
         """
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         if context_mask is not None and context_mask.dtype != torch.bool:
             raise ValueError("context_mask must be a bool tensor (True = attend)")
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("y (the added vector) is needed exactly when the UNet has label_emb (SDXL)")
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
+        if self.label_emb is not None and y is not None:
+            if y.shape != (x.shape[0], self.cfg.adm_in_channels):
+                raise ValueError(
+                    f"y must have shape ({x.shape[0]}, {self.cfg.adm_in_channels}), got {tuple(y.shape)}"
+                )
+            emb = emb + self.label_emb(y.to(x.dtype))  # (B, 4*mc)
         skips: list[Tensor] = []
         h = x
         for block in self.input_blocks:

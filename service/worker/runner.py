@@ -31,9 +31,8 @@ from types import FrameType
 from typing import Any
 
 import redis
-import torch
 
-from ..ldm.batch import DenoisingBatch
+from ..ldm.batch import DenoisingBatch, Member
 from ..ldm.engine import Engine
 from ..ldm.images import png_bytes
 from ..ldm.request import GenerationRequest
@@ -303,7 +302,8 @@ class Worker:
             self.metrics.queue_wait_seconds.observe(max(0.0, job.started - job.lease.created))
             try:
                 loras = self.adapters.get(job.lease.model, job.request.loras)
-                member, _tokens = engine.prepare(job.request, job.id, loras=loras)
+                refiner = self.engines.get(job.request.refiner.model) if job.request.refiner else None
+                member, _tokens = engine.prepare(job.request, job.id, loras=loras, refiner=refiner)
             except Exception as e:
                 log.warning("job %s failed to prepare: %s", job.id, e)
                 self.ledger.leave(job, Outcome.raised(e))
@@ -354,7 +354,7 @@ class Worker:
         done = [m for m in finished if str(m.key) not in left]
         if done:
             decode_start = time.perf_counter()
-            self._publish([self.ledger.jobs[str(m.key)] for m in done], [m.final_latent() for m in done])
+            self._publish([self.ledger.jobs[str(m.key)] for m in done], done)
             elapsed += time.perf_counter() - decode_start
         self.metrics.busy(elapsed)
 
@@ -377,16 +377,17 @@ class Worker:
         self._take(entries, reclaimed=False)
         return left
 
-    def _publish(self, jobs: list[Job], latents: list[torch.Tensor]) -> None:
-        """Decodes finished members together (one by one if that fails); each result goes out at once."""
+    def _publish(self, jobs: list[Job], members: list[Member]) -> None:
+        """Decodes finished members together, each by its own decoder (a refiner's after a hand-off),
+        one by one if that fails; each result goes out at once."""
         engine = self.engines[jobs[0].lease.model]
         try:
-            images = engine.decode(torch.cat(latents))
+            images = engine.decode_members(members)
         except Exception as e:
             if len(jobs) > 1:
                 log.warning("decoding %d images failed (%s): decoding them one by one", len(jobs), e)
-                for job, latent in zip(jobs, latents, strict=True):
-                    self._publish([job], [latent])
+                for job, member in zip(jobs, members, strict=True):
+                    self._publish([job], [member])
                 return
             log.exception("decoding failed")
             self.ledger.leave(jobs[0], Outcome.raised(e, "decoding failed: "))

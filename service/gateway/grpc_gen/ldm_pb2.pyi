@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "n", "model", "eta", "init_image", "strength", "mask", "loras", "webhook")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "n", "model", "eta", "init_image", "strength", "mask", "loras", "webhook", "original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "refiner")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,12 @@ class GenerateRequest(_message.Message):
     MASK_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     WEBHOOK_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CROPS_COORDS_TOP_LEFT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REFINER_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -40,7 +46,13 @@ class GenerateRequest(_message.Message):
     mask: bytes
     loras: _containers.RepeatedCompositeFieldContainer[LoraRef]
     webhook: Webhook
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., model: _Optional[str] = ..., eta: _Optional[float] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask: _Optional[bytes] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ...) -> None: ...
+    original_size: Size
+    crops_coords_top_left: Point
+    target_size: Size
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    refiner: Refiner
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., model: _Optional[str] = ..., eta: _Optional[float] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask: _Optional[bytes] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ..., original_size: _Optional[_Union[Size, _Mapping]] = ..., crops_coords_top_left: _Optional[_Union[Point, _Mapping]] = ..., target_size: _Optional[_Union[Size, _Mapping]] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ...) -> None: ...
 
 class Webhook(_message.Message):
     __slots__ = ("url", "events")
@@ -49,6 +61,30 @@ class Webhook(_message.Message):
     url: str
     events: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, url: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Size(_message.Message):
+    __slots__ = ("width", "height")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ...) -> None: ...
+
+class Refiner(_message.Message):
+    __slots__ = ("model", "switch_at")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_AT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    switch_at: float
+    def __init__(self, model: _Optional[str] = ..., switch_at: _Optional[float] = ...) -> None: ...
 
 class LoraRef(_message.Message):
     __slots__ = ("name", "weight")
@@ -159,7 +195,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "default", "family", "width", "height", "size_multiple", "default_steps", "default_guidance_scale", "default_sampler", "samplers", "inpainting", "live_workers")
+    __slots__ = ("name", "default", "family", "width", "height", "size_multiple", "default_steps", "default_guidance_scale", "default_sampler", "samplers", "inpainting", "live_workers", "refiner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +208,7 @@ class Model(_message.Message):
     SAMPLERS_FIELD_NUMBER: _ClassVar[int]
     INPAINTING_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REFINER_FIELD_NUMBER: _ClassVar[int]
     name: str
     default: bool
     family: str
@@ -184,7 +221,8 @@ class Model(_message.Message):
     samplers: _containers.RepeatedScalarFieldContainer[str]
     inpainting: bool
     live_workers: int
-    def __init__(self, name: _Optional[str] = ..., default: _Optional[bool] = ..., family: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., samplers: _Optional[_Iterable[str]] = ..., inpainting: _Optional[bool] = ..., live_workers: _Optional[int] = ...) -> None: ...
+    refiner: bool
+    def __init__(self, name: _Optional[str] = ..., default: _Optional[bool] = ..., family: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., samplers: _Optional[_Iterable[str]] = ..., inpainting: _Optional[bool] = ..., live_workers: _Optional[int] = ..., refiner: _Optional[bool] = ...) -> None: ...
 
 class ListModelsReply(_message.Message):
     __slots__ = ("models",)
