@@ -291,7 +291,6 @@ def test_requests_an_sdxl_model_refuses_name_the_field(tmp_path: Path) -> None:
     assert field(base, width=60) == "width"  # sizes are multiples of 8
     assert field(sd1, original_size={"width": 8, "height": 8}) == "original_size"
     assert field(base, aesthetic_score=6.0) == "aesthetic_score"
-    assert field(base, loras=[{"name": "watercolor"}]) == "loras"  # not mapped for SDXL yet
     assert field(refiner, target_size={"width": 8, "height": 8}) == "target_size"
     assert field(refiner, refiner={"model": "r"}) == "refiner"  # a refiner used as a base
     assert field(refiner) == "init_image"  # it refines an image: no txt2img

@@ -76,12 +76,11 @@ class Engine:
             self.text = TextConditioner(text_model, model.tokenizer, text_cache)
         self.schedule = DiscreteSchedule()
         self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
-        # SDXL: adapters are refused (request.resolve), its two text encoders not being mapped yet.
-        text_layers = () if isinstance(self.text, SDXLConditioner) else adaptable(self.text.model)
         self.lora_layers: dict[tuple[Part, str], torch.nn.Module] = {
-            **{("unet", path): layer for path, layer in adaptable(self.unet)},
-            **{("text", path): layer for path, layer in text_layers},
+            ("unet", path): layer for path, layer in adaptable(self.unet)
         }
+        for part, encoder in self.text.lora_encoders():
+            self.lora_layers |= {(part, path): layer for path, layer in adaptable(encoder)}
         self.lora_names = LoraNames(self.config.unet, *_paths(self.lora_layers))
         self.unet_loras = LoraRuntime.of(self.unet, "unet")
 
@@ -307,6 +306,6 @@ def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _paths(layers: dict[tuple[Part, str], torch.nn.Module]) -> tuple[list[str], list[str]]:
-    """(UNet paths, text-encoder paths) of the adaptable layers."""
-    return [p for part, p in layers if part == "unet"], [p for part, p in layers if part == "text"]
+def _paths(layers: dict[tuple[Part, str], torch.nn.Module]) -> tuple[list[str], list[str], list[str]]:
+    """(UNet paths, text-encoder paths, second text-encoder paths) of the adaptable layers."""
+    return tuple([p for part, p in layers if part == name] for name in ("unet", "text", "text2"))  # type: ignore[return-value]

@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class LoraAdapter:
     text: dict[str, LoraLayer]
     rank: int
     uid: str = ""
+    text2: dict[str, LoraLayer] = field(default_factory=dict)  # SDXL's second text encoder
 
     def __post_init__(self) -> None:
         if not self.uid:
@@ -61,17 +62,22 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        layers = itertools.chain(self.unet.values(), self.text.values())
+        layers = itertools.chain(self.unet.values(), self.text.values(), self.text2.values())
         return sum(t.numel() * t.element_size() for layer in layers for t in (layer.down, layer.up))
 
     def layers(self, part: Part) -> dict[str, LoraLayer]:
-        return self.unet if part == "unet" else self.text
+        return {"unet": self.unet, "text": self.text, "text2": self.text2}[part]
+
+    @property
+    def changes_text(self) -> bool:
+        return bool(self.text or self.text2)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
         def move(layers: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
             return {k: LoraLayer(v.down.to(device, dtype), v.up.to(device, dtype)) for k, v in layers.items()}
 
-        return LoraAdapter(self.name, self.family, move(self.unet), move(self.text), self.rank, self.uid)
+        unet, text, text2 = move(self.unet), move(self.text), move(self.text2)
+        return LoraAdapter(self.name, self.family, unet, text, self.rank, self.uid, text2)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -117,7 +123,7 @@ def load_lora(
         "LoRA %s: %d UNet and %d text-encoder layers, rank %s",
         label,
         len(adapter.unet),
-        len(adapter.text),
+        len(adapter.text) + len(adapter.text2),
         "/".join(map(str, sorted(ranks))),
     )
     return adapter
@@ -137,7 +143,7 @@ def _peft_config(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 def _peft_scale(module: str, part: Part, rank: int, config: Mapping[str, Any]) -> float:
     """PEFT's scaling lora_alpha / r (or / sqrt(r) with rsLoRA), alpha_pattern honoured; 1 if unknown."""
-    component = "unet" if part == "unet" else "text_encoder"
+    component = {"unet": "unet", "text": "text_encoder", "text2": "text_encoder_2"}[part]
     bare = module.removeprefix(PEFT_PREFIX).removeprefix(component + ".")
 
     def field(name: str) -> Any:

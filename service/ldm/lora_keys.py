@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import ModelConfig, UNetConfig
+from .config import ModelConfig, TextEncoderConfig, UNetConfig
 from .layout import UNET_PREFIX
 
-Part = Literal["unet", "text"]
+Part = Literal["unet", "text", "text2"]  # text2: SDXL's second text encoder (OpenCLIP ViT-bigG)
 
 # Inside a ResBlock: original name -> diffusers' ResnetBlock2D name.
 _RESNET = {
@@ -112,7 +112,13 @@ class LoraNames:
     older files and releases keep it).
     """
 
-    def __init__(self, unet_config: UNetConfig, unet_paths: Iterable[str], text_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        unet_config: UNetConfig,
+        unet_paths: Iterable[str],
+        text_paths: Iterable[str],
+        text2_paths: Iterable[str] = (),
+    ) -> None:
         self.kohya: dict[str, Target] = {}
         self.peft: dict[str, Target] = {}
         blocks = unet_blocks(unet_config)
@@ -123,12 +129,19 @@ class LoraNames:
             if diffusers is not None:
                 self._add(self.kohya, "lora_unet_" + diffusers.replace(".", "_"), target)
                 self._add(self.peft, "unet." + diffusers, target)
-        for path in text_paths:
-            target = Target("text", path)
-            bare = path.removeprefix("text_model.")
-            for spelled in (bare, "text_model." + bare):
-                self._add(self.kohya, "lora_te_" + spelled.replace(".", "_"), target)
-                self._add(self.peft, "text_encoder." + spelled, target)
+        # SD 1/2's one encoder is `lora_te_`; SDXL's are `lora_te1_` (CLIP ViT-L) and `lora_te2_`.
+        encoders: list[tuple[Part, Iterable[str], tuple[str, ...], str]] = [
+            ("text", text_paths, ("lora_te_", "lora_te1_"), "text_encoder."),
+            ("text2", text2_paths, ("lora_te2_",), "text_encoder_2."),
+        ]
+        for part, paths, kohya, peft in encoders:
+            for path in paths:
+                target = Target(part, path)
+                bare = path.removeprefix("text_model.")
+                for spelled in (bare, "text_model." + bare):
+                    for prefix in kohya:
+                        self._add(self.kohya, prefix + spelled.replace(".", "_"), target)
+                    self._add(self.peft, peft + spelled, target)
 
     @staticmethod
     def _add(table: dict[str, Target], name: str, target: Target) -> None:
@@ -150,17 +163,25 @@ class LoraNames:
 
 def names_from_header(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> LoraNames:
     """The names of a checkpoint's adaptable layers, from its header alone (torch-free, for the
-    gateway): the UNet's Linear and Conv2d weights (2-D and 4-D) as the file spells them, and the
-    text encoder's attention and MLP projections in transformers' layout, from its config."""
+    gateway): the UNet's Linear and Conv2d weights (2-D and 4-D) as the file spells them, and the text
+    encoders' attention and MLP projections in transformers' layout, from their configs (SDXL's
+    refiner has ViT-bigG alone: SDXL's second encoder)."""
     unet = [
         key.removeprefix(UNET_PREFIX).removesuffix(".weight")
         for key, shape in shapes.items()
         if key.startswith(UNET_PREFIX) and key.endswith(".weight") and len(shape) in (2, 4)
     ]
+    if config.is_refiner:
+        return LoraNames(config.unet, unet, (), _text_paths(config.text))
+    return LoraNames(config.unet, unet, _text_paths(config.text), _text_paths(config.text_2))
+
+
+def _text_paths(config: TextEncoderConfig | None) -> list[str]:
+    if config is None:
+        return []
     projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-    text = [
+    return [
         f"text_model.encoder.layers.{i}.{name}"
-        for i in range(config.text.num_layers)
+        for i in range(config.num_layers)
         for name in (*projections, "mlp.fc1", "mlp.fc2")
     ]
-    return LoraNames(config.unet, unet, text)

@@ -88,8 +88,6 @@ def resolve_sdxl(request: GenerationRequest, model: ModelConfig, width: int, hei
         if given:
             raise RequestError(given[0], "only SDXL models take this field")
         return {}
-    if request.loras:
-        raise RequestError("loras", "LoRA adapters are not supported on SDXL models yet")
     scores = [name for name in given if name.endswith("aesthetic_score")]
     if model.is_refiner and request.refiner is not None:
         raise RequestError("refiner", "this model is itself an SDXL refiner: ask its base model for it")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from .layout import (
     CheckpointError,
     few,
 )
+from .lora_keys import Part
+from .lora_rows import LoraRuntime, all_rows
 from .openclip import hf_to_openclip, openclip_to_hf
 from .text import Loras, build_text_model, load_tokenizer
 
@@ -191,7 +193,7 @@ class SDXLConditioner:
         self.zero_empty_negative = zero_empty_negative
         self.window = int(self.encoders[0].config.max_position_embeddings)  # 77
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, int], SDXLEmbedding] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, Hashable], SDXLEmbedding] = OrderedDict()
 
     @property
     def tokenizer(self) -> CLIPTokenizer:
@@ -205,11 +207,18 @@ class SDXLConditioner:
         body = self.window - 2
         return max(1, *(-(-len(self.token_ids(prompt, t)) // body) for t in self.tokenizers))
 
+    def lora_encoders(self) -> list[tuple[Part, CLIPTextModel]]:
+        """The encoders by the part of an adapter they take: `lora_te1_` ViT-L, `lora_te2_` ViT-bigG
+        (the refiner's one encoder is ViT-bigG)."""
+        parts: list[Part] = ["text2"] if len(self.encoders) == 1 else ["text", "text2"]
+        return list(zip(parts, self.encoders, strict=True))
+
     def encode(self, prompt: str, min_chunks: int = 1, loras: Loras = ()) -> SDXLEmbedding:
-        """Embeds `prompt` in at least `min_chunks` windows (the same count for both encoders)."""
-        if loras:  # refused before (request.resolve): SDXL's two encoders are not mapped for LoRA yet
-            raise ValueError("LoRA adapters are not supported on SDXL models yet")
-        key = (prompt, max(min_chunks, self.chunks_needed(prompt)))
+        """Embeds `prompt` in at least `min_chunks` windows (the same count for both encoders), with
+        the text-encoder layers of `loras` (adapter, weight) applied."""
+        active = [(a, w) for a, w in loras if a.changes_text and w != 0.0]
+        chunks = max(min_chunks, self.chunks_needed(prompt))
+        key = (prompt, chunks, tuple((a.uid, float(w)) for a, w in active))
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -217,11 +226,13 @@ class SDXLConditioner:
         contexts: list[Tensor] = []
         tokens = 0
         pooled: Tensor | None = None
-        for i, (model, tokenizer) in enumerate(zip(self.encoders, self.tokenizers, strict=True)):
+        encoders = self.lora_encoders()
+        for i, ((part, model), tokenizer) in enumerate(zip(encoders, self.tokenizers, strict=True)):
             ids = self.token_ids(prompt, tokenizer)
             tokens = len(ids) if i == 0 else tokens
-            rows = self._windows(ids, key[1], tokenizer)
-            with torch.inference_mode():
+            rows = self._windows(ids, chunks, tokenizer)
+            runtime = LoraRuntime.of(model, part)
+            with torch.inference_mode(), runtime.active(all_rows(active, model.device, model.dtype)):
                 input_ids = torch.tensor(rows, device=model.device)  # (chunks, 77)
                 out = model(input_ids=input_ids, output_hidden_states=True)
                 hidden = out.hidden_states[-2]  # (chunks, 77, D_i): penultimate layer, no final norm

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import TextEncoderConfig
+from .lora_keys import Part
 from .lora_rows import LoraRuntime, all_rows
 
 if TYPE_CHECKING:
@@ -114,7 +116,7 @@ class TextConditioner:
     def encode(self, prompt: str, min_chunks: int = 1, loras: Loras = ()) -> Embedding:
         """Embeds `prompt`, padded with empty chunks to at least `min_chunks` windows, through the
         text encoder with the text-encoder layers of `loras` (adapter, weight) applied."""
-        active = [(a, w) for a, w in loras if a.text and w != 0.0]  # only these change the embedding
+        active = [(a, w) for a, w in loras if a.changes_text and w != 0.0]  # only these change it
         key = (prompt, min_chunks, tuple((a.uid, float(w)) for a, w in active))
         hit = self._cache.get(key)
         if hit is not None:
@@ -137,6 +139,10 @@ class TextConditioner:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return embedding
+
+    def lora_encoders(self) -> list[tuple[Part, nn.Module]]:
+        """The encoders LoRA adapters may change, by the part of an adapter they take."""
+        return [("text", self.model)]
 
     def encode_pair(
         self, prompt: str, negative_prompt: str, loras: Loras = ()
