@@ -129,6 +129,18 @@ def test_async_job_status_events_and_result(http: httpx.Client) -> None:
     assert [kind for kind, _ in resumed] == kinds[last_progress + 1 :]
 
 
+def test_previews_are_announced_and_served(http: httpx.Client) -> None:
+    body = {"prompt": "a green circle", "seed": 5, "steps": 6, "previews": 2}
+    reply = http.post("/v1/txt2img", json=body, headers={"Prefer": "respond-async"})
+    job_id = reply.json()["id"]
+    previews = [data for kind, data in events(http, job_id) if kind == "preview"]
+    assert [(p["index"], p["step"]) for p in previews] == [(0, 2), (1, 4)]  # evenly spaced
+    for p in previews:
+        image = http.get(p["location"])
+        assert image.headers["content-type"] == "image/png" and png(image.content).size == (32, 32)
+    assert http.get(f"/v1/jobs/{job_id}/previews/2").status_code == 404
+
+
 def test_async_n_gives_one_job_per_image(http: httpx.Client) -> None:
     body = http.post("/v1/txt2img", json={"prompt": "a cat", "seed": 9, "n": 3},
                      headers={"Prefer": "respond-async"}).json()  # fmt: skip

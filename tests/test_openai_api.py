@@ -187,15 +187,21 @@ def test_streaming_sends_the_typed_events_in_order(client: OpenAI) -> None:
         prompt=PROMPT, stream=True, partial_images=2, n=2, extra_body={"seed": 9, "steps": STEPS}
     )
     events = list(stream)
-    # No partial images: the workers publish no previews (see README); every image's completed event.
-    assert [e.type for e in events] == ["image_generation.completed"] * 2
-    assert events[0].size == "32x32" and events[0].output_format == "png"
-    assert decoded(base64.b64decode(events[0].b64_json)).size == (32, 32)
+    # The workers' previews (decoded x0 estimates at evenly spaced steps), 2 per image, then each image.
+    types = [e.type for e in events]
+    assert types == ["image_generation.partial_image"] * 4 + ["image_generation.completed"] * 2, types
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    assert sorted(e.partial_image_index for e in partials) == [0, 0, 1, 1]
+    assert decoded(base64.b64decode(partials[0].b64_json)).size == (32, 32)
+    completed = events[-1]
+    assert completed.size == "32x32" and completed.output_format == "png"
+    assert decoded(base64.b64decode(completed.b64_json)).size == (32, 32)
+    assert base64.b64decode(partials[-1].b64_json) != base64.b64decode(completed.b64_json)
     edit = client.images.edit(
         image=("red.png", png_bytes((16, 16), (200, 30, 30)), "image/png"), prompt=PROMPT, stream=True,
         partial_images=1, extra_body={"steps": STEPS},
     )  # fmt: skip
-    assert [e.type for e in edit] == ["image_edit.completed"]
+    assert [e.type for e in edit] == ["image_edit.partial_image", "image_edit.completed"]
 
 
 def test_models_list_and_retrieve(client: OpenAI) -> None:

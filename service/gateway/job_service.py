@@ -135,6 +135,14 @@ class JobService:
     async def result(self, job_id: str) -> bytes | None:
         return await self._run(self.store.result, job_id)
 
+    async def preview(self, job_id: str, index: int) -> bytes | None:
+        """Preview `index` of a job (a PNG), while its TTL lasts."""
+        try:
+            data = await self.client.get(keys.preview(job_id, index))
+        except REDIS_ERRORS as e:
+            raise Unavailable(f"the job queue is unavailable: {e}") from None
+        return data if isinstance(data, bytes) else None
+
     async def queue_position(self, state: JobState) -> int | None:
         """Jobs ahead of a queued one in its model's stream (0: next), None when not queued. Entries
         past the group's last delivered id are the undelivered ones; the backlog bounds the count."""

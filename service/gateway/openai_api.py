@@ -283,6 +283,8 @@ def _request(
         width, height = (int(side) for side in options.size.split("x"))
     values = options.model_dump(include=EXTENSIONS | {"prompt"})
     values |= {"width": width, "height": height, "init_image": init, "mask": mask, "strength": strength}
+    if options.stream and options.partial_images:  # the workers publish decoded x0 estimates
+        values["previews"] = options.partial_images
     return GenerationRequest.parse(values)
 
 
@@ -327,6 +329,27 @@ async def _encoded(options: ImageOptions, generated: Generated) -> list[str]:
     return out
 
 
+async def _partial(kind: str, options: ImageOptions, gateway: Gateway, job_id: str, index: int) -> str:
+    png = await gateway.jobs.preview(job_id, index)
+    if png is None:  # expired already
+        return ""
+    quality = DEFAULT_COMPRESSION if options.output_compression is None else options.output_compression
+    output_format = options.output_format or "png"
+    data = await asyncio.to_thread(uploads.encode, png, output_format, quality)
+    width, height = image_size(png, "image")
+    body = {
+        "type": f"{kind}.partial_image",
+        "b64_json": base64.b64encode(data).decode(),
+        "partial_image_index": index,
+        "created_at": int(time.time()),
+        "size": f"{width}x{height}",
+        "quality": options.quality or "auto",
+        "background": "opaque",
+        "output_format": output_format,
+    }
+    return f"event: {kind}.partial_image\ndata: {json.dumps(body)}\n\n"
+
+
 def _size(generated: Generated) -> str:
     width, height = image_size(generated.images[0].png, "image") if generated.images else (0, 0)
     return f"{width}x{height}"
@@ -348,8 +371,9 @@ def _json(
 async def _events(
     kind: str, options: ImageOptions, gateway: Gateway, submission: Submission
 ) -> AsyncIterator[str]:
-    """`{kind}.completed` for every image once all are done (no `partial_image` events: the workers
-    publish no previews); an `error` event instead when the jobs fail or the wait runs out."""
+    """`{kind}.partial_image` for every preview a worker publishes (the decoded x0 estimate at evenly
+    spaced steps, `partial_images` of them per image), then `{kind}.completed` for every image once
+    all are done; an `error` event instead when the jobs fail or the wait runs out."""
     settings = gateway.settings
     deadline = submission.received + settings.request_timeout_s
     tick = min(settings.sse_keepalive_s, settings.request_timeout_s)
@@ -364,6 +388,10 @@ async def _events(
                 )
             if event is None:
                 yield ": keepalive\n\n"
+            elif event.type == "preview":
+                partial = await _partial(kind, options, gateway, event.job_id, int(event.fields["index"]))
+                if partial:
+                    yield partial
         generated = await gateway.collect(submission)
         encoded = await _encoded(options, generated)
     except GatewayError as e:

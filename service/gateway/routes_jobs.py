@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..ldm.request import MAX_PREVIEWS
 from ..queue.states import JobState, JobStatus
 from .deps import Caller, GatewayDep
 from .generation import Gateway, Image
@@ -46,6 +47,21 @@ async def get_job(job_id: str, request: Request, gateway: GatewayDep, owner: Cal
             return JSONResponse({"detail": f"job {job_id} has no image ({state.status})"}, status_code=404)
         return Response(image.png, media_type="image/png", headers={"X-Job-Id": job_id})
     return JSONResponse((await job_public(gateway, state, image)).model_dump(mode="json"))
+
+
+@router.get(
+    "/{job_id}/previews/{index}",
+    responses={**NOT_FOUND, 200: {"content": {"image/png": {}}, "description": "the preview's PNG"}},
+    response_class=Response,
+)
+async def get_preview(job_id: str, index: int, gateway: GatewayDep, owner: Caller) -> Response:
+    """Preview `index` (0: first) of a job that asked for `previews`: its x0 estimate, decoded at an
+    evenly spaced step (announced by a `preview` event); 404 until then, or once its TTL is over."""
+    await gateway.owned_job(job_id, owner)
+    png = await gateway.jobs.preview(job_id, index) if 0 <= index < MAX_PREVIEWS else None
+    if png is None:
+        return JSONResponse({"detail": f"job {job_id} has no preview {index}"}, status_code=404)
+    return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
@@ -108,6 +124,10 @@ def sse_message(event: Event) -> str:
         data["error"] = event.fields["error"]
     if event.type == JobStatus.SUCCEEDED:
         data["location"] = f"/v1/jobs/{event.job_id}"
+    if event.type == "preview":  # the request asked for previews: a PNG of the x0 estimate
+        index = int(event.fields.get("index", 0))
+        data |= {"index": index, "step": int(event.fields.get("step", 0))}
+        data["location"] = f"/v1/jobs/{event.job_id}/previews/{index}"
     return f"id: {event.id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
 
 

@@ -102,6 +102,7 @@ class Member:
     steps_done: int = 0
     step_seconds: float = 0.0
     joined: float = field(default_factory=time.perf_counter)
+    x0: Tensor | None = None  # (1, C, h, w) the last step's guided estimate of the clean latent
     # SDXL: added conditioning of the cond / uncond rows; a pending hand-off to the refiner, and once
     # it happened, the refiner's denoiser and decoder (None: the batch's and its engine's).
     added: Added | None = None
@@ -229,6 +230,7 @@ class DenoisingBatch:
                 cond, uncond = denoised[row : row + 1], denoised[row + 1 : row + 2]
                 guided = uncond + m.guidance * (cond - uncond)
                 row += 2
+            m.x0 = guided
             m.x = m.sampler.step(m.x, guided, m.generator)
             if m.blend is not None:
                 m.x = m.blend.apply(m.x, m.sampler.sigma, m.sampler.done)

@@ -61,6 +61,7 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_LORAS = 16
 MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask larger than this is refused from its header
 MAX_LORA_WEIGHT = 4.0
+MAX_PREVIEWS = 3  # as OpenAI's partial_images
 DEFAULT_STRENGTH = 0.8  # the models' default (ModelConfig.default_strength) when they do not say
 DEFAULT_ETA = 0.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -147,6 +148,9 @@ class TextFields(BaseModel):
     loras: list[LoraRef] | None = Field(
         default=None, max_length=MAX_LORAS, description="LoRA adapters (at most LDM_MAX_LORAS)"
     )
+    previews: Int | None = Field(
+        default=None, ge=0, le=MAX_PREVIEWS, description="x0 previews at evenly spaced steps (events)"
+    )
 
 
 class ImageFields(BaseModel):
@@ -228,6 +232,7 @@ class ResolvedRequest:
     init_image: bytes | None
     mask: bytes | None
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight)
+    previews: int = 0  # decoded x0 estimates to publish while denoising
     # SDXL (None / defaults for other models): sizes as (width, height), the crop as (x, y).
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
@@ -286,6 +291,7 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         init_image=request.init_image,
         mask=request.mask,
         loras=tuple((ref.name, ref.weight) for ref in request.loras or ()),
+        previews=request.previews or 0,
         **sdxl,
     )
 

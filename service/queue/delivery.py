@@ -237,6 +237,21 @@ class WorkerQueue:
                 )
         return text(reply)
 
+    def preview(self, lease: Lease, index: int, step: int, png: bytes) -> str:
+        """Stores preview `index` of a running job (taken at `step`) and announces it in its events."""
+        script_keys = [*lease.keys(), keys.preview(lease.job_id, index)]
+        args: list[Any] = [
+            keys.GROUP,
+            lease.entry,
+            lease.attempt,
+            index,
+            step,
+            time.time(),
+            self.result_ttl_s,
+        ]
+        args.append(png)
+        return text(self._scripts["preview"](keys=script_keys, args=args))
+
     def hand_back(self, leases: Sequence[Lease]) -> list[str]:
         """Returns jobs to the queue without counting a failed delivery; any worker takes them at once."""
         now = time.time()

@@ -5,6 +5,7 @@
 | `ldm:jobs:<model>` | stream | jobs queued or held by a worker (field `job`); consumer group `workers` |
 | `ldm:job:<id>` | hash | spec (JSON), owner, status, timestamps, attempt, deadline, progress, error |
 | `ldm:result:<id>` | string | the PNG, stored once, with a TTL |
+| `ldm:preview:<id>:<i>` | string | preview i of a job (PNG of its x0 estimate), with a TTL |
 | `ldm:events:<id>` | stream | progress and status events of one job, with a TTL (late readers replay it) |
 | `ldm:dead:<model>` | stream | dead-lettered jobs (field `job`, `reason`, `attempts`) |
 | `ldm:worker:<name>` | string | a live worker's heartbeat (JSON), expires when the worker stops renewing it |
@@ -42,6 +43,10 @@ def job(job_id: str) -> str:
 
 def result(job_id: str) -> str:
     return f"{PREFIX}:result:{job_id}"
+
+
+def preview(job_id: str, index: int) -> str:
+    return f"{PREFIX}:preview:{job_id}:{index}"
 
 
 def events(job_id: str) -> str:

@@ -233,6 +233,17 @@ end
 return stale
 """
 
+# A preview of a running job (a PNG of its x0 estimate), fenced like progress.
+# KEYS: stream, job, events, preview. ARGV: group, entry, attempt, index, step, now, ttl, png.
+PREVIEW = """
+local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
+if attempt ~= ARGV[3] then return 'stale' end
+if status ~= 'running' then return status end
+redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[7])
+event(KEYS[3], ARGV[7], 'type', 'preview', 'index', ARGV[4], 'step', ARGV[5], 'time', ARGV[6])
+return 'ok'
+"""
+
 # A queued job past its deadline that no worker started, expired where it waits (no worker needed).
 # KEYS: stream, job, events. ARGV: group, entry, now, ttl.
 EXPIRE = """
@@ -261,5 +272,6 @@ SCRIPTS = {
         "hand_back": HAND_BACK,
         "refresh": REFRESH,
         "expire": EXPIRE,
+        "preview": PREVIEW,
     }.items()
 }

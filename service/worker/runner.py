@@ -40,7 +40,7 @@ from ..queue.connection import client_for, unavailable
 from ..queue.delivery import Entry, Lease, WorkerQueue
 from ..queue.states import JobStatus
 from ..settings import WorkerSettings
-from . import faults, stepping
+from . import faults, previews, stepping
 from .adapters import Adapters
 from .keeper import Keeper
 from .ledger import Job, Ledger, Outcome
@@ -334,6 +334,7 @@ class Worker:
             self.metrics.step_seconds.observe(elapsed)
             adapters = {a.uid for m in batch.members.values() for a, _ in m.loras}
             self.metrics.lora_adapters.observe(len(adapters))
+            previews.publish(self.queue, self.engines, list(batch.members.values()), self.ledger.get)
         # The last step's progress went out while this step ran: who it found cancelled or
         # superseded leaves now (finished or not), and the jobs it read wait to be admitted.
         left = self._collect_progress()
