@@ -76,6 +76,14 @@ def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
     )
 
 
+def job_state(fields: Any) -> JobState | None:
+    """A job hash's fields (HGETALL's reply) as a JobState; None when there is no such hash."""
+    if not fields:
+        return None
+    values = {text(k): text(v) for k, v in fields.items() if text(k) not in ("spec", "entry")}
+    return JobState.model_validate({k: v for k, v in values.items() if v != ""})
+
+
 def text(value: bytes | str | None) -> str:
     """Redis replies are bytes (results are binary); protocol fields are UTF-8 text."""
     if value is None:
@@ -196,11 +204,7 @@ class JobStore:
         return EnqueueCall(model, job_ids, script_keys, args)
 
     def get(self, job_id: str) -> JobState | None:
-        fields = self.redis.hgetall(keys.job(job_id))
-        if not fields:
-            return None
-        values = {text(k): text(v) for k, v in fields.items() if text(k) not in ("spec", "entry")}
-        return JobState.model_validate({k: v for k, v in values.items() if v != ""})
+        return job_state(self.redis.hgetall(keys.job(job_id)))
 
     def request(self, job_id: str) -> GenerationRequest | None:
         """What the job draws (its spec)."""
