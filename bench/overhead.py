@@ -151,9 +151,13 @@ def main() -> None:
 
 def production_env() -> dict[str, str]:
     """The worker as deployed, not as the tests run it (they shorten the reclaim window, which makes
-    the keeper renew three times a second)."""
-    reclaim = WorkerSettings.model_fields["reclaim_idle_ms"].default
-    return {"LDM_TEST_FAULTS": "0", "LDM_LOG_LEVEL": "WARNING", "LDM_RECLAIM_IDLE_MS": str(reclaim)}
+    the keeper renew three times a second, and publish progress at every step)."""
+    defaults = {
+        f"LDM_{name.upper()}": str(WorkerSettings.model_fields[name].default)
+        for name in ("reclaim_idle_ms", "progress_interval_ms")
+        if name in WorkerSettings.model_fields
+    }
+    return {"LDM_TEST_FAULTS": "0", "LDM_LOG_LEVEL": "WARNING", **defaults}
 
 
 def ping_ms(url: str, n: int = 200) -> float:
