@@ -101,7 +101,23 @@ class WorkerSettings(QueueSettings):
         None, description="default: fp32 on cpu, fp16 on cuda"
     )
     max_batch: int = Field(8, ge=1, description="most images denoised together")
-    max_wait_ms: float = Field(50.0, ge=0, description="longest a lone job waits for batch-mates")
+    max_wait_ms: float = Field(
+        50.0,
+        ge=0,
+        description="longest a lone job waits for batch-mates (with step admission, not at all when its "
+        "model's stream holds nothing else)",
+    )
+    admission: Literal["step", "batch"] = Field(
+        "step",
+        description="step: jobs join the running batch at any step boundary (continuous batching); batch: "
+        "only an empty batch (a batch runs to its end first; the baseline of bench/mixed.py)",
+    )
+    progress_interval_ms: float = Field(
+        100.0,
+        ge=0,
+        description="a running job's progress is published at most this often (and its last step with its "
+        "result); jobs that arrive meanwhile still join at the next step; 0 = every step",
+    )
     pixel_budget: int = Field(
         32768, ge=1, description="most latent pixels (h/f * w/f summed over members) in one batch"
     )
