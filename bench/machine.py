@@ -33,3 +33,10 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a running process, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_delay_s(pid: int, tid: int | None = None) -> float:
+    """Seconds a thread (the main one by default) has spent runnable but waiting for a CPU (Linux
+    schedstat): what other jobs on a shared machine have cost it."""
+    fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    return int(fields[1]) / 1e9

@@ -15,7 +15,10 @@ still winding down), so a fixed order would bias the ratio.
 
 Besides wall time it prints the CPU time each side spends per image (the in-process side's own; the
 worker's, the gateway's and Redis's on the service side): on a machine shared with other jobs wall
-time swings with their load, CPU time much less.
+time swings with their load, CPU time much less. And wall time less the time the thread doing the
+work (the benchmark's own for the in-process side, the worker's loop for the service) waited for a
+CPU while other jobs held them (Linux schedstat): on a busy machine the ratio of those is the one to
+read, since the raw wall times then swing by 30% between identical runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import base64
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +40,7 @@ import redis
 import torch
 
 from bench.latency import LatencyProxy
-from bench.machine import cpu_description, load_average, process_cpu_s
+from bench.machine import cpu_description, load_average, process_cpu_s, run_delay_s
 from service.ldm.engine import Engine, GenerationRequest
 from service.ldm.images import png_bytes
 from service.paths import bundled_model
@@ -62,6 +66,13 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="the worker's LDM_MAX_WAIT_MS, its longest wait for batch-mates (default: %(default)s; "
         "the worker's own default is 50)",
+    )
+    p.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="Redis's fsync policy: always (default, as `ldm up` and the deployments run it: every write "
+        "waits for the disk) or everysec (what the service costs without that wait)",
     )
     p.add_argument(
         "--redis-latency-ms",
@@ -96,7 +107,7 @@ def main() -> None:
             assert result.image is not None
             return png_bytes(result.image, result.request.parameters())
 
-        server = RedisServer(folder / "redis")
+        server = RedisServer(folder / "redis", appendfsync=args.appendfsync)
         server.start()
         url = server.url
         proxy = None
@@ -132,6 +143,7 @@ def main() -> None:
                     + ("0: a lone job starts at once" if args.max_wait_ms == 0 else "not 0")
                     + f"), torch {torch.__version__}, 1 thread each side"
                 )
+                print(f"Redis: appendfsync {args.appendfsync}")
                 measure(args, {IN_PROCESS: in_process, HTTP: service}, pids)
                 medians = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items())
                 print(f"HTTP side, p50 of the answers' timings (warm-up included): {medians}")
@@ -177,14 +189,20 @@ def measure(args: argparse.Namespace, sides: dict[str, Callable[[], bytes]], pid
         for side in sides.values():
             side()
     times: dict[str, list[float]] = {name: [] for name in sides}
+    unwaited: dict[str, list[float]] = {name: [] for name in sides}  # wall less the worker thread's wait
     cpu: dict[str, list[float]] = {IN_PROCESS: [], **{name: [] for name in pids}}
+    me, tid = os.getpid(), threading.get_native_id()
     for i in range(args.runs):
         for name in list(sides) if i % 2 == 0 else list(reversed(sides)):
             before = {k: process_cpu_s(pid) for k, pid in pids.items()}
             own = time.process_time()
+            waited = run_delay_s(me, tid) if name == IN_PROCESS else run_delay_s(pids["worker"])
             started = time.perf_counter()
             sides[name]()
-            times[name].append((time.perf_counter() - started) * 1000)
+            wall = (time.perf_counter() - started) * 1000
+            waited = (run_delay_s(me, tid) if name == IN_PROCESS else run_delay_s(pids["worker"])) - waited
+            times[name].append(wall)
+            unwaited[name].append(wall - waited * 1000)
             if name == IN_PROCESS:
                 cpu[IN_PROCESS].append((time.process_time() - own) * 1000)
             else:
@@ -196,6 +214,11 @@ def measure(args: argparse.Namespace, sides: dict[str, Callable[[], bytes]], pid
         print(f"{name:10s}  p50 {p50:8.1f} ms   p90 {p90:8.1f} ms   min {min(values):8.1f} ms")
     base, over = statistics.median(times[IN_PROCESS]), statistics.median(times[HTTP])
     print(f"ratio HTTP/in-process {over / base:.3f} (target <= 1.03); added {over - base:.1f} ms (p50)")
+    base, over = statistics.median(unwaited[IN_PROCESS]), statistics.median(unwaited[HTTP])
+    print(
+        f"less the working thread's wait for a CPU: p50 in-process {base:.1f} ms, HTTP {over:.1f} ms, "
+        f"ratio {over / base:.3f}; added {over - base:.1f} ms"
+    )
     means = {k: statistics.mean(v) for k, v in cpu.items()}
     service = " + ".join(f"{k} {means[k]:.1f}" for k in pids)
     print(f"CPU ms per image, mean: in-process {means[IN_PROCESS]:.1f}; HTTP side {service}")
