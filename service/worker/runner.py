@@ -278,15 +278,17 @@ class Worker:
             adapters = {a.uid for m in batch.members.values() for a, _ in m.loras}
             self.metrics.lora_adapters.observe(len(adapters))
         # A round trip that has come back: who it found cancelled or superseded leaves now (finished or
-        # not), and the jobs it read wait to be admitted.
-        left = self._apply_progress(self.progress.poll())
+        # not); the entries it read are taken once this step's results are out (taking them can raise).
+        answer = self.progress.poll()
+        left = self._stopped(answer)
         done = [m for m in finished if str(m.key) not in left]
         if done:
             decode_start = time.perf_counter()
             self._publish(done)
             elapsed += time.perf_counter() - decode_start
-        self._send_progress(batch)
         self.metrics.busy(elapsed)
+        self._take(answer)
+        self._send_progress(batch)
 
     def _apply_starts(self) -> set[str]:
         """Jobs admitted this iteration that Redis did not mark running leave (handed back when the
@@ -310,12 +312,18 @@ class Worker:
         items = [(lease, m.steps_done, m.total_steps) for (_, lease), m in zip(sent, members, strict=True)]
         self.progress.send(items, sent, models, free)
 
-    def _collect_progress(self) -> set[str]:
-        """Applies the round trip out, if any, once back; returns the jobs that left."""
-        return self._apply_progress(self.progress.collect())
+    def _collect_progress(self) -> None:
+        """Applies the round trip out, if any, once back."""
+        answer = self.progress.collect()
+        self._stopped(answer)
+        self._take(answer)
 
-    def _apply_progress(self, answer: Answer) -> set[str]:
-        """Jobs no longer `running` (cancelled, superseded) leave the batch; new entries are taken."""
+    def _take(self, answer: Answer) -> None:
+        if answer.models:
+            self.intake.took(answer.models, answer.count, answer.entries)
+
+    def _stopped(self, answer: Answer) -> set[str]:
+        """Jobs no longer `running` (cancelled, superseded) leave the batch; returns them."""
         left = set()
         for key, lease in answer.sent:
             status = answer.statuses.get(lease.job_id, JobStatus.RUNNING.value)
@@ -325,8 +333,6 @@ class Worker:
             log.info("job %s leaves the batch: %s", key, status)
             self.ledger.leave(job, Outcome.no_longer_ours(status))
             left.add(key)
-        if answer.models:
-            self.intake.took(answer.models, answer.count, answer.entries)
         return left
 
     def _publish(self, members: list[Member]) -> None:
