@@ -3,12 +3,18 @@ is not on the same machine (another pod, another zone) in a benchmark.
 
 Each chunk is held for half the delay in each direction, counted from when it arrived, so pipelined
 commands are not delayed one after the other: a round trip gains `delay_s`, whatever it carries.
+
+Threads, not asyncio: an event loop sleeps in epoll, whose timeout is rounded up to whole
+milliseconds, so a 1 ms delay became 2.4 ms; `time.sleep` holds a chunk to within tens of
+microseconds. Each direction of each connection has a reader (stamps chunks as they arrive) and a
+writer (sends each one once its time has come).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import queue
+import socket
 import threading
 import time
 
@@ -18,51 +24,61 @@ class LatencyProxy:
         self.target_port = target_port
         self.half = delay_s / 2
         self.host = host
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="latency-proxy", daemon=True)
+        self._listener = socket.create_server((host, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
 
     def start(self) -> LatencyProxy:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("latency proxy did not start")
+        threading.Thread(target=self._accept, name="latency-proxy", daemon=True).start()
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._stopped.set()
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.host, 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection((self.host, self.target_port))
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, server]
+            self._pipe(client, server)
+            self._pipe(server, client)
 
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection(self.host, self.target_port)
-        await asyncio.gather(
-            self._forward(client_reader, server_writer), self._forward(server_reader, client_writer)
-        )
+    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+        held: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
 
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        def read() -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    held.put((time.monotonic(), data))
+            held.put((time.monotonic(), b""))
 
-        async def deliver() -> None:
+        def write() -> None:
             while True:
-                arrived, data = await held.get()
+                arrived, data = held.get()
                 if not data:
                     break
-                await asyncio.sleep(max(0.0, arrived + self.half - time.monotonic()))
-                writer.write(data)
-                await writer.drain()
+                wait = arrived + self.half - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    target.sendall(data)
+                except OSError:
+                    break
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
 
-        delivery = asyncio.create_task(deliver())
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                held.put_nowait((time.monotonic(), data))
-        held.put_nowait((time.monotonic(), b""))
-        with contextlib.suppress(ConnectionError):
-            await delivery
-            writer.close()
+        threading.Thread(target=read, name="latency-proxy-read", daemon=True).start()
+        threading.Thread(target=write, name="latency-proxy-write", daemon=True).start()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from bench.engine import small_config
+from bench.machine import cpu_description
 from service.ldm import lora_rows
 from service.ldm.checkpoint import LoadedModel
 from service.ldm.engine import Engine
@@ -46,18 +46,6 @@ from service.ldm.text import load_tokenizer
 from tests.tiny import build_tiny, write_tokenizer
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def cpu_description() -> str:
-    """lscpu's model name and the SIMD flags that decide matmul speed."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "CPU unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    model = fields.get("Model name", "?").strip()
-    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
-    return f"{model}; {os.cpu_count()} cores; flags {' '.join(flags)}"
 
 
 def write_adapters(engine: Engine, folder: Path, count: int, rank: int, seed: int) -> list[Path]:

@@ -3,11 +3,22 @@ request on the engine in-process, both on one torch thread.
 
     .venv/bin/python -m bench.overhead              # the bundled demo model if present, else a tiny one
     .venv/bin/python -m bench.overhead --runs 40 --model path/to/model --steps 20
+    .venv/bin/python -m bench.overhead --max-wait-ms 50   # the worker's default batch wait
 
 The in-process side is `Engine.generate` plus the PNG encoding (what the worker sends back), so both
 sides end with the same PNG. The service side is a synchronous `POST /v1/txt2img` by httpx, JSON and
 base64 decoding included, against a real gateway process, a real redis-server and a real worker
-process (batch wait 0: a lone job starts at once). Runs alternate between the two sides after warm-up.
+process with the production settings (only its batch wait is set: 0 unless --max-wait-ms says
+otherwise). After warm-up the two sides alternate, and which one goes first swaps every round: the
+side that runs right after the other was measured 3 to 8% slower (caches, the other side's processes
+still winding down), so a fixed order would bias the ratio.
+
+Besides wall time it prints the CPU time each side spends per image (the in-process side's own; the
+worker's, the gateway's and Redis's on the service side): on a machine shared with other jobs wall
+time swings with their load, CPU time much less. And wall time less the time the thread doing the
+work (the benchmark's own for the in-process side, the worker's loop for the service) waited for a
+CPU while other jobs held them (Linux schedstat): on a busy machine the ratio of those is the one to
+read, since the raw wall times then swing by 30% between identical runs.
 """
 
 from __future__ import annotations
@@ -17,7 +28,9 @@ import base64
 import os
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -27,14 +40,17 @@ import redis
 import torch
 
 from bench.latency import LatencyProxy
+from bench.machine import cpu_description, load_average, process_cpu_s, run_delay_s
 from service.ldm.engine import Engine, GenerationRequest
 from service.ldm.images import png_bytes
 from service.paths import bundled_model
+from service.settings import WorkerSettings
 from tests.gateway_env import GatewayProcess, write_tiny_own_model
 from tests.redis_server import RedisServer
 from tests.workers import WorkerProcess
 
 PROMPT = "a large red circle on the left on a gray background"
+IN_PROCESS, HTTP = "in-process", "HTTP"
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +60,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per side (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="the worker's LDM_MAX_WAIT_MS, its longest wait for batch-mates (default: %(default)s; "
+        "the worker's own default is 50)",
+    )
+    p.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="Redis's fsync policy: always (default, as `ldm up` and the deployments run it: every write "
+        "waits for the disk) or everysec (what the service costs without that wait)",
+    )
     p.add_argument(
         "--redis-latency-ms",
         type=float,
@@ -77,19 +107,22 @@ def main() -> None:
             assert result.image is not None
             return png_bytes(result.image, result.request.parameters())
 
-        server = RedisServer(folder / "redis")
+        server = RedisServer(folder / "redis", appendfsync=args.appendfsync)
         server.start()
         url = server.url
         proxy = None
         if args.redis_latency_ms > 0:
             proxy = LatencyProxy(server.port, args.redis_latency_ms / 1000).start()
             url = f"redis://127.0.0.1:{proxy.port}/0"
-        env = {"LDM_TEST_FAULTS": "0", "LDM_LOG_LEVEL": "WARNING"}
-        worker = WorkerProcess("bench", url, {"bench": model}, folder, max_wait_ms=0, env=env).start()
+        worker = WorkerProcess(
+            "bench", url, {"bench": model}, folder, max_wait_ms=args.max_wait_ms, env=production_env()
+        ).start()
         gateway = GatewayProcess(url, {"bench": model}, folder, {"LDM_LOG_LEVEL": "WARNING"})
         try:
             gateway.start()
             worker.wait_ready(server.client(), timeout_s=120)
+            assert worker.process is not None and gateway.process is not None and server.process is not None
+            pids = {"worker": worker.process.pid, "gateway": gateway.process.pid, "redis": server.process.pid}
             with httpx.Client(base_url=gateway.url, timeout=120) as http:
                 stages: dict[str, list[float]] = {"queue_ms": [], "inference_ms": [], "total_ms": []}
 
@@ -101,7 +134,17 @@ def main() -> None:
                         values.append(answer["timings"][name])
                     return base64.b64decode(answer["images"][0]["png_base64"])
 
-                report(which, model, resolved, args, in_process, service)
+                print(cpu_description())
+                print(f"{load_average()} before the runs (a machine shared with other jobs)")
+                print(f"model: {which}: {model}")
+                print(f"request: {resolved}".replace("ResolvedRequest", "")[:200])
+                print(
+                    f"worker: LDM_MAX_WAIT_MS {args.max_wait_ms:g} ("
+                    + ("0: a lone job starts at once" if args.max_wait_ms == 0 else "not 0")
+                    + f"), torch {torch.__version__}, 1 thread each side"
+                )
+                print(f"Redis: appendfsync {args.appendfsync}")
+                measure(args, {IN_PROCESS: in_process, HTTP: service}, pids)
                 medians = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items())
                 print(f"HTTP side, p50 of the answers' timings (warm-up included): {medians}")
                 if proxy is not None:
@@ -118,6 +161,17 @@ def main() -> None:
                 proxy.stop()
 
 
+def production_env() -> dict[str, str]:
+    """The worker as deployed, not as the tests run it (they shorten the reclaim window, which makes
+    the keeper renew three times a second, and publish progress at every step)."""
+    defaults = {
+        f"LDM_{name.upper()}": str(WorkerSettings.model_fields[name].default)
+        for name in ("reclaim_idle_ms", "progress_interval_ms")
+        if name in WorkerSettings.model_fields
+    }
+    return {"LDM_TEST_FAULTS": "0", "LDM_LOG_LEVEL": "WARNING", **defaults}
+
+
 def ping_ms(url: str, n: int = 200) -> float:
     client = redis.Redis.from_url(url)
     times = []
@@ -129,28 +183,46 @@ def ping_ms(url: str, n: int = 200) -> float:
     return statistics.median(times)
 
 
-def report(which: str, model: Path, resolved: object, args: argparse.Namespace, *sides: object) -> None:
-    in_process, service = sides
-    assert callable(in_process) and callable(service)
+def measure(args: argparse.Namespace, sides: dict[str, Callable[[], bytes]], pids: dict[str, int]) -> None:
+    """Warm-up, then rounds in which the sides alternate and swap which goes first; prints the figures."""
     for _ in range(args.warmup):
-        in_process()
-        service()
-    times: dict[str, list[float]] = {"in-process": [], "HTTP": []}
-    for _ in range(args.runs):
-        for name, side in (("in-process", in_process), ("HTTP", service)):
-            started = time.perf_counter()
+        for side in sides.values():
             side()
-            times[name].append((time.perf_counter() - started) * 1000)
-    load = os.getloadavg()[0]
-    print(f"model: {which}: {model}")
-    print(f"request: {resolved}".replace("ResolvedRequest", "")[:200])
-    print(f"torch {torch.__version__}, 1 thread each; {args.runs} runs per side after {args.warmup} warm-up")
-    print(f"load average {load:.1f} on {os.cpu_count()} cores after the runs")
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    unwaited: dict[str, list[float]] = {name: [] for name in sides}  # wall less the worker thread's wait
+    cpu: dict[str, list[float]] = {IN_PROCESS: [], **{name: [] for name in pids}}
+    me, tid = os.getpid(), threading.get_native_id()
+    for i in range(args.runs):
+        for name in list(sides) if i % 2 == 0 else list(reversed(sides)):
+            before = {k: process_cpu_s(pid) for k, pid in pids.items()}
+            own = time.process_time()
+            waited = run_delay_s(me, tid) if name == IN_PROCESS else run_delay_s(pids["worker"])
+            started = time.perf_counter()
+            sides[name]()
+            wall = (time.perf_counter() - started) * 1000
+            waited = (run_delay_s(me, tid) if name == IN_PROCESS else run_delay_s(pids["worker"])) - waited
+            times[name].append(wall)
+            unwaited[name].append(wall - waited * 1000)
+            if name == IN_PROCESS:
+                cpu[IN_PROCESS].append((time.process_time() - own) * 1000)
+            else:
+                for k, pid in pids.items():
+                    cpu[k].append((process_cpu_s(pid) - before[k]) * 1000)
+    print(f"{args.runs} runs per side after {args.warmup} warm-up, alternating; {load_average()} after")
     for name, values in times.items():
         p50, p90 = statistics.median(values), statistics.quantiles(values, n=10)[-1]
         print(f"{name:10s}  p50 {p50:8.1f} ms   p90 {p90:8.1f} ms   min {min(values):8.1f} ms")
-    base, over = statistics.median(times["in-process"]), statistics.median(times["HTTP"])
-    print(f"ratio HTTP/in-process {over / base:.3f} (target <= 1.05); added {over - base:.1f} ms (p50)")
+    base, over = statistics.median(times[IN_PROCESS]), statistics.median(times[HTTP])
+    print(f"ratio HTTP/in-process {over / base:.3f} (target <= 1.03); added {over - base:.1f} ms (p50)")
+    base, over = statistics.median(unwaited[IN_PROCESS]), statistics.median(unwaited[HTTP])
+    print(
+        f"less the working thread's wait for a CPU: p50 in-process {base:.1f} ms, HTTP {over:.1f} ms, "
+        f"ratio {over / base:.3f}; added {over - base:.1f} ms"
+    )
+    means = {k: statistics.mean(v) for k, v in cpu.items()}
+    service = " + ".join(f"{k} {means[k]:.1f}" for k in pids)
+    print(f"CPU ms per image, mean: in-process {means[IN_PROCESS]:.1f}; HTTP side {service}")
+    print(f"ratio of CPU time, worker/in-process {means['worker'] / means[IN_PROCESS]:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .ldm.request import (
@@ -123,6 +123,14 @@ def _check_model_names(value: dict[str, Path]) -> dict[str, Path]:
     return value
 
 
+# LDM_MAX_BATCH when unset, per device: the knee of images/s against the batch size measured by
+# bench/batching.py (docs/batching-cpu.png: on a 2-core CPU the demo model's images/s grows +44%
+# from 2 to 4 and +14% from 4 to 8, the 24.8M UNet's not at all; a bigger batch only slows each
+# job's steps there). The cuda figure is the common knee of SD-sized UNets on data-centre GPUs,
+# not measured here: `python -m bench.batching --device cuda` measures it.
+DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
+
+
 class WorkerSettings(QueueSettings):
     """`ldm worker`: one process per GPU, its models held warm."""
 
@@ -132,8 +140,29 @@ class WorkerSettings(QueueSettings):
     dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="default: fp32 on cpu, fp16 on cuda"
     )
-    max_batch: int = Field(8, ge=1, description="most images denoised together")
-    max_wait_ms: float = Field(50.0, ge=0, description="longest a lone job waits for batch-mates")
+    max_batch: int = Field(
+        0,
+        ge=0,
+        description="most images denoised together; 0 = the device's default, where images/s stops "
+        "growing with the batch (bench/batching.py): 4 on cpu, 8 on cuda",
+    )
+    max_wait_ms: float = Field(
+        50.0,
+        ge=0,
+        description="longest a lone job waits for batch-mates (with step admission, not at all when its "
+        "model's stream holds nothing else)",
+    )
+    admission: Literal["step", "batch"] = Field(
+        "step",
+        description="step: jobs join the running batch at any step boundary (continuous batching); batch: "
+        "only an empty batch (a batch runs to its end first; the baseline of bench/mixed.py)",
+    )
+    progress_interval_ms: float = Field(
+        100.0,
+        ge=0,
+        description="a running job's progress is published at most this often (and its last step with its "
+        "result); jobs that arrive meanwhile still join at the next step; 0 = every step",
+    )
     pixel_budget: int = Field(
         32768, ge=1, description="most latent pixels (h/f * w/f summed over members) in one batch"
     )
@@ -159,6 +188,12 @@ class WorkerSettings(QueueSettings):
 
     _parse_models = field_validator("models", mode="before")(_parse_models)
     _names = field_validator("models")(_check_model_names)
+
+    @model_validator(mode="after")
+    def _device_batch(self) -> WorkerSettings:
+        if self.max_batch == 0:
+            self.max_batch = DEFAULT_MAX_BATCH[self.device]
+        return self
 
     @property
     def name(self) -> str:

@@ -22,12 +22,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, folder: Path, port: int | None = None, extra: tuple[str, ...] = (), appendfsync: str = "always"
+    ) -> None:
         if not Path(REDIS_SERVER).exists():
             pytest.skip("redis-server is not installed (./dev setup installs it)")
         self.folder = folder
         self.port = port or free_port()
         self.extra = list(extra)  # more redis-server arguments (e.g. --replicaof HOST PORT)
+        self.appendfsync = appendfsync  # "always", as `ldm up` and the deployments run it
         self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -49,7 +52,7 @@ class RedisServer:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                self.appendfsync,
                 "--save",
                 "",
                 "--protected-mode",

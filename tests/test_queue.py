@@ -226,6 +226,16 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
         worker_settings(models={"bad name!": tmp_path})
 
 
+def test_max_batch_defaults_per_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from service.settings import DEFAULT_MAX_BATCH, worker_settings
+
+    monkeypatch.delenv("LDM_MAX_BATCH", raising=False)
+    models = {"a": tmp_path}
+    assert worker_settings(models=models).max_batch == DEFAULT_MAX_BATCH["cpu"] == 4
+    assert worker_settings(models=models, device="cuda").max_batch == DEFAULT_MAX_BATCH["cuda"] == 8
+    assert worker_settings(models=models, device="cuda", max_batch=2).max_batch == 2
+
+
 def test_the_protocol_does_not_import_torch() -> None:
     """The gateway uses these modules and must start in well under a second."""
     modules = "service.queue.store, service.queue.delivery, service.settings"

@@ -11,7 +11,7 @@ LARGE = ("m", 32, 32)
 
 
 def job(key: str, deadline: float = 100.0, group: tuple = SMALL, arrived: float = 0.0, solo: bool = False):
-    return Candidate(key, group, group[1] * group[2], deadline, arrived, solo)
+    return Candidate(key, group, group[1] * group[2], deadline, arrived, solo, source=group[0])
 
 
 def keys(candidates: list[Candidate]) -> list[str]:
@@ -83,6 +83,48 @@ def test_a_lone_job_waits_at_most_max_wait_for_batch_mates() -> None:
     s.offer(job("b", arrived=10.03))
     assert s.decide(now=10.04).admit == []  # still within a's wait
     assert keys(s.decide(now=10.05).admit) == ["a", "b"]  # a's wait is over: both go
+
+
+def test_a_lone_job_does_not_wait_when_its_stream_holds_nothing_else() -> None:
+    s = Scheduler(max_batch=4, pixel_budget=10**6, max_wait_s=0.05)
+    s.offer(job("a", arrived=10.0))
+    assert s.decide(now=10.0, drained={"other model"}).admit == []  # its own stream may hold more
+    assert keys(s.decide(now=10.001, drained={"m"}).admit) == ["a"]  # nothing else can join now
+
+
+def test_a_drained_stream_admits_the_mates_already_held() -> None:
+    s = Scheduler(max_batch=4, pixel_budget=10**6, max_wait_s=10.0)
+    s.offer(job("a", arrived=0.0))
+    s.offer(job("b", arrived=0.0))
+    assert keys(s.decide(now=0.0, drained={"m"}).admit) == ["a", "b"]
+
+
+def test_batch_admission_still_waits_for_mates_and_admits_only_into_an_empty_batch() -> None:
+    s = Scheduler(max_batch=4, pixel_budget=10**6, max_wait_s=0.05, admission="batch")
+    s.offer(job("a", arrived=0.0))
+    # A late job would wait for the whole batch: the wait stays even when the stream is drained.
+    assert s.decide(now=0.01, drained={"m"}).wait_s == pytest.approx(0.04)
+    assert keys(s.decide(now=0.05).admit) == ["a"]
+    assert s.free_slots() == 0  # nothing is claimed while the batch runs
+    s.offer(job("b", arrived=0.06))
+    assert s.decide(now=0.1).admit == []  # does not join the running batch
+    s.leave("a")
+    assert s.free_slots() == 3
+    assert keys(s.decide(now=0.2).admit) == ["b"]  # waited past max_wait_s already
+
+
+def test_step_admission_joins_a_running_batch_where_batch_admission_does_not() -> None:
+    for admission, joins in (("step", ["b"]), ("batch", [])):
+        s = Scheduler(max_batch=4, pixel_budget=10**6, max_wait_s=0.0, admission=admission)  # type: ignore[arg-type]
+        s.offer(job("a"))
+        s.decide(now=0.0)
+        s.offer(job("b"))
+        assert keys(s.decide(now=1.0).admit) == joins
+
+
+def test_unknown_admission_is_refused() -> None:
+    with pytest.raises(ValueError, match="admission"):
+        Scheduler(max_batch=4, pixel_budget=10**6, max_wait_s=0.0, admission="greedy")  # type: ignore[arg-type]
 
 
 def test_a_full_batch_does_not_wait() -> None:

@@ -49,7 +49,7 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, every_s: f
 
 class WorkerProcess:
     """`python -m service.cli.main worker`, its log in a file; fault injection on, threads pinned to
-    one (the test machine has two cores), a short reclaim window."""
+    one (the test machine has two cores), a short reclaim window, progress published every step."""
 
     def __init__(
         self,
@@ -78,6 +78,7 @@ class WorkerProcess:
             "LDM_DRAIN_GRACE_S": "10",
             "LDM_LOG_LEVEL": "INFO",
             "LDM_METRICS_HOST": "127.0.0.1",
+            "LDM_PROGRESS_INTERVAL_MS": "0",  # a progress event every step, which tests count
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

@@ -178,15 +178,15 @@ class Gateway:
             ) from None
 
     async def collect(self, submission: Submission, *, cancelled_ok: bool = False) -> Generated:
-        states = [await self.jobs.get(job_id) for job_id in submission.job_ids]
+        outcomes = await self.jobs.outcomes(submission.job_ids)
+        states = [state for state, _ in outcomes]
         images = []
-        for job_id, seed, state in zip(submission.job_ids, submission.seeds, states, strict=True):
+        for job_id, seed, (state, png) in zip(submission.job_ids, submission.seeds, outcomes, strict=True):
             if state is None:
                 raise JobFailed(f"job {job_id} expired from the queue before its result was read", [job_id])
             if cancelled_ok and state.status == JobStatus.CANCELLED:
                 continue
             check_succeeded(state)
-            png = await self.jobs.result(job_id)
             if png is None:
                 raise JobFailed(f"the result of job {job_id} has expired", [job_id])
             images.append(Image(job_id, seed, png))

@@ -28,7 +28,7 @@ from ..ldm.request import GenerationRequest
 from ..queue import keys
 from ..queue.scripts import SCRIPTS
 from ..queue.states import TERMINAL, JobState, JobStatus, Webhook
-from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, text, unavailable
+from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, job_state, text, unavailable
 from .errors import QueueFull, Unavailable
 
 T = TypeVar("T")
@@ -142,6 +142,21 @@ class JobService:
         except REDIS_ERRORS as e:
             raise Unavailable(f"the job queue is unavailable: {e}") from None
         return data if isinstance(data, bytes) else None
+
+    async def outcomes(self, job_ids: list[str]) -> list[tuple[JobState | None, bytes | None]]:
+        """Each job's state and result (None: none, or expired), in one round trip on the asyncio
+        client: what a request that waited for its images reads once they are done."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+            pipe.get(keys.result(job_id))
+        try:
+            replies = await pipe.execute()
+        except REDIS_ERRORS as e:
+            raise Unavailable(
+                f"the job queue is unavailable: {e}", retry_after_s=self.retry_after_s
+            ) from None
+        return [(job_state(fields), png) for fields, png in zip(replies[::2], replies[1::2], strict=True)]
 
     async def queue_position(self, state: JobState) -> int | None:
         """Jobs ahead of a queued one in its model's stream (0: next), None when not queued. Entries

@@ -26,6 +26,7 @@ from .store import text
 log = logging.getLogger(__name__)
 
 STALE = "stale"
+Call = tuple[str, Sequence[str], Sequence[Any]]  # (script name, keys, args) of one EVALSHA
 HANDED_BACK_IDLE_MS = 10**9  # back-dated this far, a handed-back delivery is reclaimable at once
 
 
@@ -146,8 +147,9 @@ class WorkerQueue:
         now = time.time()
         token = uuid.uuid4().hex  # one per call: a retried pipeline claims nothing twice
         heartbeats = keys.worker("")
-        calls = [
+        calls: list[Call] = [
             (
+                "claim",
                 [keys.jobs(e.model), keys.job(e.job_id), keys.events(e.job_id), keys.dead(e.model)],
                 [
                     *(keys.GROUP, e.entry, self.worker, self.max_deliveries, now, self.result_ttl_s),
@@ -157,7 +159,7 @@ class WorkerQueue:
             for e in entries
         ]
         out = []
-        for e, reply in zip(entries, self._pipelined("claim", calls), strict=True):
+        for e, reply in zip(entries, self._pipelined(calls), strict=True):
             outcome = text(reply[0])
             if outcome != "claimed":
                 out.append(Claimed(e, outcome, detail=text(reply[1]) if len(reply) > 1 else ""))
@@ -185,24 +187,26 @@ class WorkerQueue:
         )
 
     def progress_and_read(
-        self, items: Iterable[tuple[Lease, int, int]], models: Sequence[str], count: int
+        self,
+        items: Iterable[tuple[Lease, int, int]],
+        models: Sequence[str],
+        count: int,
+        block_ms: int | None = None,
     ) -> tuple[dict[str, str], list[Entry]]:
         """Publishes (lease, step, steps) for each item, returning each job's status (`stale` when
         superseded: a job no longer `running` leaves the batch), and reads up to `count` new entries, in
-        one round trip: a busy worker looks for jobs to join its batch at every step, and this keeps
-        that look off the step's path."""
+        one round trip: a busy worker looks for jobs to join its batch while it steps. With `block_ms`
+        the read waits that long for an entry (the progress is published at once all the same)."""
         items = list(items)
-        now = time.time()
-        calls = [
-            (lease.keys(), [keys.GROUP, lease.entry, lease.attempt, step, steps, now, self.result_ttl_s])
-            for lease, step, steps in items
-        ]
+        calls = [self._progress_call(lease, step, steps) for lease, step, steps in items]
         reading = bool(models) and count > 0
         streams = self._streams(models)
         read = (
-            (lambda pipe: pipe.xreadgroup(keys.GROUP, self.worker, streams, count=count)) if reading else None
+            (lambda pipe: pipe.xreadgroup(keys.GROUP, self.worker, streams, count=count, block=block_ms))
+            if reading
+            else None
         )
-        replies = self._pipelined("progress", calls, read)
+        replies = self._pipelined(calls, read)
         read_reply = replies.pop() if reading else None
         statuses = {lease.job_id: text(r) for (lease, _, _), r in zip(items, replies, strict=True)}
         if isinstance(read_reply, redis.ResponseError) and "NOGROUP" in str(read_reply):
@@ -213,12 +217,22 @@ class WorkerQueue:
             raise read_reply
         return statuses, self._entries(models, read_reply)
 
-    def complete(self, lease: Lease, status: JobStatus, *, png: bytes = b"", error: str = "") -> str:
+    def complete(
+        self,
+        lease: Lease,
+        status: JobStatus,
+        *,
+        png: bytes = b"",
+        error: str = "",
+        progress: tuple[int, int] | None = None,
+    ) -> str:
         """Stores the outcome (and the PNG) once, acknowledges the delivery; `ok`, `stale`, or the
-        terminal status the job already had (for example cancelled)."""
-        reply = self._scripts["finish"](
-            keys=[*lease.keys(), keys.result(lease.job_id)],
-            args=[
+        terminal status the job already had (for example cancelled). `progress` (step, steps) is
+        published first, in the same round trip: a finished job's last progress event."""
+        finish = (
+            "finish",
+            [*lease.keys(), keys.result(lease.job_id)],
+            [
                 keys.GROUP,
                 lease.entry,
                 lease.attempt,
@@ -229,13 +243,18 @@ class WorkerQueue:
                 png,
             ],
         )
-        if self.min_replicas and text(reply) == "ok":
+        calls = [] if progress is None else [self._progress_call(lease, *progress)]
+        reply = text(self._pipelined([*calls, finish])[-1])
+        if self.min_replicas and reply == "ok":
             acked = int(self.redis.wait(self.min_replicas, self.replica_wait_ms))
             if acked < self.min_replicas:  # a failover now could lose it: the job would run again
-                log.warning(
-                    "job %s: result confirmed by %d of %d replicas", lease.job_id, acked, self.min_replicas
-                )
-        return text(reply)
+                wanted = self.min_replicas
+                log.warning("job %s: result confirmed by %d of %d replicas", lease.job_id, acked, wanted)
+        return reply
+
+    def _progress_call(self, lease: Lease, step: int, steps: int) -> Call:
+        args = [keys.GROUP, lease.entry, lease.attempt, step, steps, time.time(), self.result_ttl_s]
+        return "progress", lease.keys(), args
 
     def preview(self, lease: Lease, index: int, step: int, png: bytes) -> str:
         """Stores preview `index` of a running job (taken at `step`) and announces it in its events."""
@@ -290,25 +309,21 @@ class WorkerQueue:
     def _each(self, script: str, leases: Sequence[Lease], args: Any) -> list[str]:
         if not leases:
             return []
-        return [text(r) for r in self._pipelined(script, [(lease.keys(), args(lease)) for lease in leases])]
+        return [text(r) for r in self._pipelined([(script, lease.keys(), args(lease)) for lease in leases])]
 
     def _pipelined(
-        self,
-        script: str,
-        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
-        then: Callable[[Pipeline], object] | None = None,
+        self, calls: Sequence[Call], then: Callable[[Pipeline], object] | None = None
     ) -> list[Any]:
-        """Runs `script` once per (keys, args), then whatever `then` adds, in one round trip.
+        """Runs each (script, keys, args), then whatever `then` adds, in one round trip.
 
         EVALSHA is sent directly: redis-py's pipelined Script objects ask SCRIPT EXISTS first, a
         second round trip on every call. A NOSCRIPT reply (Redis restarted with an empty script
         cache) loads the script and runs the calls that got it again. Script errors are raised;
         the replies of what `then` added are returned as they came, errors included.
         """
-        sha = self._scripts[script].sha
         pipe = self.redis.pipeline(transaction=False)
-        for call_keys, args in calls:
-            pipe.evalsha(sha, len(call_keys), *call_keys, *args)
+        for script, call_keys, args in calls:
+            pipe.evalsha(self._scripts[script].sha, len(call_keys), *call_keys, *args)
         if then is not None:
             then(pipe)
         replies: list[Any] = pipe.execute(raise_on_error=False)
@@ -316,11 +331,12 @@ class WorkerQueue:
             i for i, r in enumerate(replies[: len(calls)]) if isinstance(r, redis.exceptions.NoScriptError)
         ]
         if missing:
-            sha = self._scripts[script].sha = self.redis.script_load(SCRIPTS[script])
+            for script in {calls[i][0] for i in missing}:
+                self._scripts[script].sha = self.redis.script_load(SCRIPTS[script])
             pipe = self.redis.pipeline(transaction=False)
             for i in missing:
-                call_keys, args = calls[i]
-                pipe.evalsha(sha, len(call_keys), *call_keys, *args)
+                script, call_keys, args = calls[i]
+                pipe.evalsha(self._scripts[script].sha, len(call_keys), *call_keys, *args)
             for i, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         for reply in replies[: len(calls)]:

@@ -33,6 +33,13 @@ class BacklogFull(Exception):
         self.backlog = backlog
 
 
+def job_state(fields: Any) -> JobState | None:
+    """A job hash's fields (HGETALL's reply) as a JobState; None when there is no such hash."""
+    if not fields:
+        return None
+    return JobState.from_hash({text(k): text(v) for k, v in fields.items()})
+
+
 def text(value: bytes | str | None) -> str:
     """Redis replies are bytes (results are binary); protocol fields are UTF-8 text."""
     if value is None:
@@ -174,10 +181,7 @@ class JobStore:
         return EnqueueCall(model, job_ids, script_keys, args)
 
     def get(self, job_id: str) -> JobState | None:
-        fields = self.redis.hgetall(keys.job(job_id))
-        if not fields:
-            return None
-        return JobState.from_hash({text(k): text(v) for k, v in fields.items()})
+        return job_state(self.redis.hgetall(keys.job(job_id)))
 
     def request(self, job_id: str) -> GenerationRequest | None:
         """What the job draws (its spec)."""

@@ -49,10 +49,11 @@ class Outcome:
     error: str = ""
     hand_back: bool = False
     gone: str = ""
+    progress: tuple[int, int] | None = None  # (step, steps): the last progress event, sent with the result
 
     @classmethod
-    def succeeded(cls, png: bytes) -> Outcome:
-        return cls(JobStatus.SUCCEEDED, png=png)
+    def succeeded(cls, png: bytes, progress: tuple[int, int] | None = None) -> Outcome:
+        return cls(JobStatus.SUCCEEDED, png=png, progress=progress)
 
     @classmethod
     def failed(cls, error: str) -> Outcome:
@@ -130,7 +131,9 @@ class Ledger:
                 self._hand_back(batch)
                 continue
             assert outcome.store is not None
-            reply = self.queue.complete(job.lease, outcome.store, png=outcome.png, error=outcome.error)
+            reply = self.queue.complete(
+                job.lease, outcome.store, png=outcome.png, error=outcome.error, progress=outcome.progress
+            )
             self._outbox.popleft()
             self._release(job)
             self._stored(job, outcome, reply)

@@ -5,16 +5,17 @@ One iteration is one denoising step of the running batch (or one wait for work w
 1. flush the ledger's outbox (results survive a Redis outage there);
 2. claim: reclaim idle deliveries (dead or draining workers'), then read new entries, never more
    than the scheduler has free slots for, so what this worker cannot take stays with idle ones
-   (while a batch runs, that read rides in the previous step's progress round trip);
-3. admit: the scheduler picks who joins; expired jobs leave, the others are started and prepared
-   (an invalid request fails alone);
-4. step the batch once, publish progress (which reports cancelled and superseded jobs: they leave
-   at the next boundary), decode the finished members together and store each result, fenced by
-   its attempt. Progress (and the read of step 2) goes out on a thread of its own during the next
-   step (off the denoising path), in line when members finish (their last event precedes the result).
+   (while a batch runs, that read rides in the progress round trip, `progress.py`);
+3. admit: the scheduler picks who joins; expired jobs leave, the others are prepared (an invalid
+   request fails alone) while Redis marks them running (`starts.py`: the answer is applied right
+   after the step, before anything of theirs is published);
+4. step the batch once; apply the progress round trip if it has come back (cancelled and superseded
+   jobs leave, the entries it read wait to be admitted); decode the finished members together and
+   store each result with its last progress event, fenced by its attempt; send the next round trip
+   when one is due. It goes out on a thread of its own and the loop never waits for it.
 
-Every job leaves through `Ledger.leave` (`ledger.py`); a step that raises is split (`stepping.py`);
-progress rides `progress.py`; the keeper thread (`keeper.py`) renews
+Entries become jobs in `intake.py`; every job leaves through `Ledger.leave` (`ledger.py`); a step
+that raises is split (`stepping.py`); progress rides `progress.py`; the keeper thread (`keeper.py`) renews
 deliveries and the heartbeat while the loop moves. SIGTERM drains: stop claiming, hand back what
 waits, finish the batch within the grace period, hand back the rest, exit 0.
 """
@@ -35,18 +36,19 @@ import redis
 from ..ldm.batch import DenoisingBatch, Member
 from ..ldm.engine import Engine
 from ..ldm.images import png_bytes
-from ..ldm.request import GenerationRequest
 from ..queue.connection import client_for, unavailable
-from ..queue.delivery import Entry, Lease, WorkerQueue
+from ..queue.delivery import WorkerQueue
 from ..queue.states import JobStatus
 from ..settings import WorkerSettings
 from . import faults, previews, stepping
 from .adapters import Adapters
+from .intake import Intake
 from .keeper import Keeper
 from .ledger import Job, Ledger, Outcome
 from .metrics import WorkerMetrics
-from .progress import Progress, ProgressLine, Sent
-from .scheduler import Candidate, Scheduler
+from .progress import Answer, ProgressLine
+from .scheduler import Scheduler
+from .starts import Starts
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,9 @@ class Worker:
         self.metrics = metrics
         self.name = settings.name
         self.queue = self._queue()
-        self.scheduler = Scheduler(settings.max_batch, settings.pixel_budget, settings.max_wait_ms / 1000)
+        self.scheduler = Scheduler(
+            settings.max_batch, settings.pixel_budget, settings.max_wait_ms / 1000, settings.admission
+        )
         self.batch: DenoisingBatch | None = None
         self.ledger = Ledger(self.queue, metrics, self._detach)
         self.keeper = Keeper(settings, self._queue(), self.ledger, metrics, self._status)
@@ -72,8 +76,9 @@ class Worker:
         self._drain_deadline: float | None = None
         self._wait_s: float | None = None
         self._next_reclaim = 0.0
-        self._read_ahead = False  # the last step's round trip also read new entries
-        self.progress = ProgressLine(self._queue())
+        self.intake = Intake(self.queue, engines, self.ledger, self.scheduler, self.adapters, metrics)
+        self.progress = ProgressLine(self._queue(), settings.progress_interval_ms / 1000)
+        self.starts = Starts(self._queue())
         self._started = time.time()
 
     def _queue(self) -> WorkerQueue:
@@ -120,7 +125,7 @@ class Worker:
                     break
                 self.ledger.flush()
                 self.ledger.drop_superseded()
-                self._offer_loaded()
+                self.intake.offer_loaded()
                 self._claim()
                 self._admit()
                 self._step()
@@ -145,6 +150,7 @@ class Worker:
         self.keeper.stop()
         self.adapters.close()
         self.progress.close()
+        self.starts.close()
         with contextlib.suppress(REDIS_ERRORS):
             self.queue.sign_off()
         log.info("worker %s stopped", self.name)
@@ -178,29 +184,29 @@ class Worker:
     # -- claiming ---------------------------------------------------------------------------------
 
     def _claim(self) -> None:
-        read_ahead, self._read_ahead = self._read_ahead, False
+        busy = self.batch is not None and len(self.batch) > 0
+        if not busy and self.progress.in_flight:
+            self._collect_progress()  # the batch has emptied: its read comes back within the interval
         models, free = self._read_target()
         if free == 0:
             return
         now = time.monotonic()
         if now >= self._next_reclaim:
             self._next_reclaim = now + RECLAIM_POLL_S
-            self._reclaim(models, free)
+            self.intake.reclaim(models, free, self.settings.reclaim_idle_ms)
             models, free = self._read_target()
             if free == 0:
                 return
-        busy = self.batch is not None and len(self.batch) > 0
         if busy:
-            if read_ahead:  # the last step's progress round trip has just looked
-                return
-            block: int | None = None
-        elif self._wait_s is not None:
+            return  # a running batch reads through the progress round trip
+        block: int | None = IDLE_BLOCK_MS
+        if self._wait_s is not None:
             block = max(1, int(self._wait_s * 1000))
-        else:
-            block = IDLE_BLOCK_MS
+        elif self.scheduler.waiting:
+            block = None  # taken since the last decision: they are admitted first
         if block is not None and self.adapters.waiting:
             block = min(block, ADAPTER_POLL_MS)  # jobs join as soon as their adapters are in
-        self._take(self.queue.read(models, free, block), reclaimed=False)
+        self.intake.took(models, free, self.queue.read(models, free, block))
 
     def _read_target(self) -> tuple[list[str], int]:
         """The streams to look at for new jobs and how many to take: none while draining or full;
@@ -211,73 +217,12 @@ class Worker:
         group = self.scheduler.group()
         return ([group[0]] if isinstance(group, tuple) else list(self.engines)), free
 
-    def _reclaim(self, models: list[str], free: int) -> None:
-        """Takes idle deliveries one at a time: a reclaimed job may be a suspect, which runs alone."""
-        taken = 0
-        for model in models:
-            while taken < free and self.scheduler.free_slots() > 0:
-                entries = self.queue.reclaim(model, self.settings.reclaim_idle_ms, 1)
-                if not entries:
-                    break
-                taken += len(entries)
-                self._take(entries, reclaimed=True)
-
-    def _take(self, entries: list[Entry], reclaimed: bool) -> None:
-        if not entries:
-            return
-        if reclaimed:
-            self.metrics.reclaimed.inc(len(entries))
-        for claimed in self.queue.claim(entries):
-            if claimed.outcome == "dead":
-                log.warning("job %s: %s", claimed.entry.job_id, claimed.detail)
-                self.metrics.dead_lettered.inc()
-                self.metrics.jobs.labels(JobStatus.FAILED.value).inc()
-            elif claimed.lease is None:
-                log.debug("job %s: nothing to run (%s)", claimed.entry.job_id, claimed.outcome)
-            else:
-                self._accept(claimed.lease)
-
-    def _accept(self, lease: Lease) -> None:
-        """Resolves the request against the model; an invalid one fails here, alone."""
-        engine = self.engines[lease.model]
-        try:
-            request = engine.resolve(GenerationRequest.from_json(lease.spec_json))
-        except Exception as e:  # a bad spec, an unreadable image, anything the model refuses
-            job = Job(lease, None)
-            self.ledger.hold(job)
-            self.ledger.leave(job, Outcome.raised(e))
-            return
-        job = Job(lease, request)
-        self.ledger.hold(job)
-        if self.adapters.ready(lease.model, request.loras):
-            self._offer(job)
-        else:
-            self.adapters.fetch(lease.model, request.loras, job)
-
-    def _offer(self, job: Job) -> None:
-        assert job.request is not None
-        lease = job.lease
-        f = self.engines[lease.model].config.downsample_factor
-        h, w = job.request.height // f, job.request.width // f
-        group, solo = (lease.model, h, w), lease.deliveries > 1
-        self.scheduler.offer(
-            Candidate(job.id, group, h * w, lease.deadline, time.time(), solo, lease.started)
-        )
-
-    def _offer_loaded(self) -> None:
-        """Jobs whose adapters have been loaded meanwhile wait to be admitted; a failed load fails its job."""
-        for loaded in self.adapters.done():
-            job = loaded.key
-            if isinstance(job, Job) and self.ledger.get(job.id) is job:  # not left meanwhile
-                if loaded.error:
-                    self.ledger.leave(job, Outcome.failed(loaded.error))
-                else:
-                    self._offer(job)
-
     # -- admitting and stepping -------------------------------------------------------------------
 
     def _admit(self) -> None:
-        decision = self.scheduler.decide(time.time(), self.draining)
+        # A job whose adapters are loading may yet join: no stream counts as drained meanwhile.
+        drained = () if self.adapters.waiting else self.intake.drained
+        decision = self.scheduler.decide(time.time(), self.draining, drained)
         self._wait_s = decision.wait_s
         for c in decision.expire:
             self.ledger.leave(
@@ -290,11 +235,8 @@ class Worker:
         if self.batch is None or not len(self.batch):
             self.batch = engine.new_batch()
         busy_start = time.perf_counter()
-        for job, status in zip(jobs, self.queue.start([j.lease for j in jobs]), strict=True):
-            if status != JobStatus.RUNNING.value:
-                log.info("job %s not started: %s", job.id, status)
-                self.ledger.leave(job, Outcome.no_longer_ours(status))
-                continue
+        self.starts.send(jobs)  # answered while they are prepared and take their first step
+        for job in jobs:
             assert job.request is not None
             if self.settings.test_faults:
                 faults.inject(job.request.prompt, job.id, job.lease.deliveries, self.settings.stall_timeout_s)
@@ -316,6 +258,7 @@ class Worker:
     def _step(self) -> None:
         batch = self.batch
         if batch is None or not len(batch):
+            self._apply_starts()
             self.metrics.busy(0.0)
             return
         active = sum(1 for m in batch.members.values() if not m.done)
@@ -325,9 +268,11 @@ class Worker:
         except stepping.DeviceLost as e:
             log.critical("the device is lost (%s): exiting, so that other workers take the jobs", e)
             os._exit(3)
+        not_started = self._apply_starts()  # before anything of theirs is published
         for key, error in stepped.failed.items():
-            self.ledger.leave(self.ledger.jobs[str(key)], Outcome.raised(error, "denoising failed: "))
-        finished = stepped.finished
+            if job := self.ledger.get(str(key)):
+                self.ledger.leave(job, Outcome.raised(error, "denoising failed: "))
+        finished = [m for m in stepped.finished if str(m.key) not in not_started]
         elapsed = time.perf_counter() - started
         if active:
             self.metrics.batch_size.observe(active)
@@ -335,64 +280,81 @@ class Worker:
             adapters = {a.uid for m in batch.members.values() for a, _ in m.loras}
             self.metrics.lora_adapters.observe(len(adapters))
             previews.publish(self.queue, self.engines, list(batch.members.values()), self.ledger.get)
-        # The last step's progress went out while this step ran: who it found cancelled or
-        # superseded leaves now (finished or not), and the jobs it read wait to be admitted.
-        left = self._collect_progress()
-        finished = [m for m in finished if str(m.key) not in left]
-        members = [*batch.members.values(), *finished]
-        sent = [(str(m.key), self.ledger.jobs[str(m.key)].lease) for m in members]
-        items = [(lease, m.steps_done, m.total_steps) for (_, lease), m in zip(sent, members, strict=True)]
-        models, free = self._read_target()
-        self._read_ahead = free > 0
-        if not finished and len(batch):
-            # Off the critical path: the round trip overlaps the next step's UNet call.
-            self.progress.send_later(items, sent, models, free)
-            self.metrics.busy(elapsed)
-            return
-        # In line when members finish (their last progress event must precede their result) and
-        # when the batch empties (nothing stays in flight while the worker waits for work).
-        left = self._apply_progress(*self.progress.send_now(self.queue, items, sent, models, free))
+        # A round trip that has come back: who it found cancelled or superseded leaves now (finished or
+        # not); the entries it read are taken once this step's results are out (taking them can raise).
+        answer = self.progress.poll()
+        left = self._stopped(answer)
         done = [m for m in finished if str(m.key) not in left]
         if done:
             decode_start = time.perf_counter()
-            self._publish([self.ledger.jobs[str(m.key)] for m in done], done)
+            self._publish(done)
             elapsed += time.perf_counter() - decode_start
         self.metrics.busy(elapsed)
+        self._take(answer)
+        self._send_progress(batch)
 
-    def _collect_progress(self) -> set[str]:
-        """Applies the progress round trip in flight, if any; returns the jobs that left."""
-        return self._apply_progress(*self.progress.collect())
-
-    def _apply_progress(self, sent: Sent, progress: Progress) -> set[str]:
-        """Jobs no longer `running` (cancelled, superseded) leave the batch; new entries are taken."""
-        statuses, entries = progress
+    def _apply_starts(self) -> set[str]:
+        """Jobs admitted this iteration that Redis did not mark running leave (handed back when the
+        round trip failed: whether it ran is unknown); returns them."""
         left = set()
-        for key, lease in sent:
-            status = statuses.get(lease.job_id, JobStatus.RUNNING.value)
+        for job, status in self.starts.collect():
+            if status == JobStatus.RUNNING.value or self.ledger.get(job.id) is not job:
+                continue
+            log.info("job %s not started: %s", job.id, status or "redis unavailable")
+            self.ledger.leave(job, Outcome.no_longer_ours(status) if status else Outcome.handed_back())
+            left.add(job.id)
+        return left
+
+    def _send_progress(self, batch: DenoisingBatch) -> None:
+        """The next round trip, when one is due: the members' steps, and a read while there is room."""
+        models, free = self._read_target()
+        if not len(batch) or not self.progress.due(time.monotonic(), reading=free > 0):
+            return
+        members = list(batch.members.values())
+        sent = [(str(m.key), self.ledger.jobs[str(m.key)].lease) for m in members]
+        items = [(lease, m.steps_done, m.total_steps) for (_, lease), m in zip(sent, members, strict=True)]
+        self.progress.send(items, sent, models, free)
+
+    def _collect_progress(self) -> None:
+        """Applies the round trip out, if any, once back."""
+        answer = self.progress.collect()
+        self._stopped(answer)
+        self._take(answer)
+
+    def _take(self, answer: Answer) -> None:
+        if answer.models:
+            self.intake.took(answer.models, answer.count, answer.entries)
+
+    def _stopped(self, answer: Answer) -> set[str]:
+        """Jobs no longer `running` (cancelled, superseded) leave the batch; returns them."""
+        left = set()
+        for key, lease in answer.sent:
+            status = answer.statuses.get(lease.job_id, JobStatus.RUNNING.value)
             job = self.ledger.get(key)
             if status == JobStatus.RUNNING.value or job is None or job.lease != lease:
                 continue  # still running, or already gone
             log.info("job %s leaves the batch: %s", key, status)
             self.ledger.leave(job, Outcome.no_longer_ours(status))
             left.add(key)
-        self._take(entries, reclaimed=False)
         return left
 
-    def _publish(self, jobs: list[Job], members: list[Member]) -> None:
-        """Decodes finished members together, each by its own decoder (a refiner's after a hand-off),
-        one by one if that fails; each result goes out at once."""
+    def _publish(self, members: list[Member]) -> None:
+        """Decodes finished members together (one by one if that fails); each result goes out at once,
+        with the member's last progress event."""
+        jobs = [self.ledger.jobs[str(m.key)] for m in members]
         engine = self.engines[jobs[0].lease.model]
         try:
-            images = engine.decode_members(members)
+            images = engine.decode_members(members)  # each by its own decoder (a refiner's after a hand-off)
         except Exception as e:
             if len(jobs) > 1:
                 log.warning("decoding %d images failed (%s): decoding them one by one", len(jobs), e)
-                for job, member in zip(jobs, members, strict=True):
-                    self._publish([job], [member])
+                for member in members:
+                    self._publish([member])
                 return
             log.exception("decoding failed")
             self.ledger.leave(jobs[0], Outcome.raised(e, "decoding failed: "))
             return
-        for job, image in zip(jobs, images, strict=True):
+        for job, member, image in zip(jobs, members, images, strict=True):
             assert job.request is not None
-            self.ledger.leave(job, Outcome.succeeded(png_bytes(image, job.request.parameters())))
+            png = png_bytes(image, job.request.parameters())
+            self.ledger.leave(job, Outcome.succeeded(png, (member.steps_done, member.total_steps)))

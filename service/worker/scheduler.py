@@ -9,7 +9,14 @@ A pure object (no Redis, no torch), asked once per step with the current time:
   nothing more joins: the batch drains and that job starts next (no starvation).
 - At most `max_batch` members and `pixel_budget` latent pixels (a single job over the budget
   still runs, alone).
-- An idle worker holds a lone job at most `max_wait_s` for batch-mates, unless the batch is full.
+- Admission `step` (continuous batching): jobs join a running batch at any step boundary.
+  Admission `batch` (the baseline of `bench/mixed.py`): jobs join only an empty batch, so the batch
+  runs to its end before anything else starts, and nothing more is claimed meanwhile.
+- An idle worker holds a lone job at most `max_wait_s` for batch-mates, unless the batch is full, or,
+  with step admission, unless the job's source (its model's stream) is known to hold nothing more
+  (`decide(drained=...)`, from the worker's last read): a job that comes later joins at the next step
+  anyway, so waiting would only delay this one. With batch admission a late job would wait a whole
+  batch, so there the wait stays.
 - A job whose deadline passed before it started is expired, not run (one that an earlier attempt had
   started runs on: a rolling restart must not throw nearly finished work away).
 - A suspect job (delivered before without finishing: its worker may have died of it) runs alone,
@@ -19,8 +26,11 @@ A pure object (no Redis, no torch), asked once per step with the current time:
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
+from typing import Literal
+
+Admission = Literal["step", "batch"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,7 @@ class Candidate:
     arrived: float  # when this worker got it
     solo: bool = False
     started_before: bool = False  # an earlier attempt started it: past its deadline it still runs
+    source: Hashable = None  # where it came from (the worker: its model's stream), for `drained`
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,14 @@ class Decision:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, pixel_budget: int, max_wait_s: float) -> None:
+    def __init__(
+        self, max_batch: int, pixel_budget: int, max_wait_s: float, admission: Admission = "step"
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if admission not in ("step", "batch"):
+            raise ValueError(f"admission must be 'step' or 'batch', got {admission!r}")
+        self.admission = admission
         self.max_batch = max_batch
         self.pixel_budget = pixel_budget
         self.max_wait_s = max_wait_s
@@ -54,7 +70,7 @@ class Scheduler:
     def free_slots(self) -> int:
         """How many more jobs to claim now: the ones this worker could admit."""
         held = [*self.waiting.values(), *self.running.values()]
-        if any(c.solo for c in held):
+        if any(c.solo for c in held) or (self.admission == "batch" and self.running):
             return 0
         return max(0, self.max_batch - len(held))
 
@@ -78,14 +94,16 @@ class Scheduler:
         self.waiting.clear()
         return taken
 
-    def decide(self, now: float, draining: bool = False) -> Decision:
+    def decide(self, now: float, draining: bool = False, drained: Collection[Hashable] = ()) -> Decision:
+        """Who joins now, who expires, and how long to wait for batch-mates; `drained`: the sources
+        known to hold no other job right now."""
         expire = [c for c in self.waiting.values() if c.deadline <= now and not c.started_before]
         for c in expire:
             del self.waiting[c.key]
         if draining or not self.waiting:
             return Decision([], expire, None)
         order = sorted(self.waiting.values(), key=lambda c: (c.deadline, c.arrived))
-        if any(c.solo for c in self.running.values()):
+        if any(c.solo for c in self.running.values()) or (self.admission == "batch" and self.running):
             return Decision([], expire, None)
         if not self.running:
             head = order[0]
@@ -93,7 +111,8 @@ class Scheduler:
                 return self._admit([head], expire)
             mates = [c for c in order if c.group == head.group and not c.solo]
             waited = now - min(c.arrived for c in mates)
-            if not self._full(mates) and waited < self.max_wait_s:
+            alone = self.admission == "step" and head.source in drained  # no one else can join now
+            if not self._full(mates) and waited < self.max_wait_s and not alone:
                 return Decision([], expire, self.max_wait_s - waited)
         group = self.group() or order[0].group
         count = len(self.running)

@@ -1,0 +1,116 @@
+"""From stream entries to jobs the scheduler may admit: claim each entry (its attempt number, or
+dead-lettering), resolve its request against the model (an invalid one fails here, alone), load its
+LoRA adapters off the loop if they are not in memory, then offer it to the scheduler.
+
+It also remembers which streams the last read found empty (`drained`): a read of `count` entries
+that got fewer leaves nothing behind, so a lone job from there has no batch-mate to wait for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from ..ldm.engine import Engine
+from ..ldm.request import GenerationRequest
+from ..queue.delivery import Entry, Lease, WorkerQueue
+from ..queue.states import JobStatus
+from .adapters import Adapters
+from .ledger import Job, Ledger, Outcome
+from .metrics import WorkerMetrics
+from .scheduler import Candidate, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(
+        self,
+        queue: WorkerQueue,
+        engines: dict[str, Engine],
+        ledger: Ledger,
+        scheduler: Scheduler,
+        adapters: Adapters,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.queue = queue
+        self.engines = engines
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.adapters = adapters
+        self.metrics = metrics
+        self.drained: set[str] = set()  # models whose stream held nothing more at the last read
+
+    def took(self, models: Sequence[str], count: int, entries: list[Entry]) -> None:
+        """Takes what a read of `count` entries per stream got; a stream that gave fewer holds nothing
+        more for now."""
+        for model in models:
+            if sum(e.model == model for e in entries) < count:
+                self.drained.add(model)
+            else:
+                self.drained.discard(model)
+        self.take(entries, reclaimed=False)
+
+    def reclaim(self, models: list[str], free: int, idle_ms: int) -> None:
+        """Takes idle deliveries one at a time: a reclaimed job may be a suspect, which runs alone."""
+        taken = 0
+        for model in models:
+            while taken < free and self.scheduler.free_slots() > 0:
+                entries = self.queue.reclaim(model, idle_ms, 1)
+                if not entries:
+                    break
+                taken += len(entries)
+                self.take(entries, reclaimed=True)
+
+    def take(self, entries: list[Entry], reclaimed: bool) -> None:
+        if not entries:
+            return
+        if reclaimed:
+            self.metrics.reclaimed.inc(len(entries))
+        for claimed in self.queue.claim(entries):
+            if claimed.outcome == "dead":
+                log.warning("job %s: %s", claimed.entry.job_id, claimed.detail)
+                self.metrics.dead_lettered.inc()
+                self.metrics.jobs.labels(JobStatus.FAILED.value).inc()
+            elif claimed.lease is None:
+                log.debug("job %s: nothing to run (%s)", claimed.entry.job_id, claimed.outcome)
+            else:
+                self._accept(claimed.lease)
+
+    def _accept(self, lease: Lease) -> None:
+        """Resolves the request against the model; an invalid one fails here, alone."""
+        engine = self.engines[lease.model]
+        try:
+            request = engine.resolve(GenerationRequest.from_json(lease.spec_json))
+        except Exception as e:  # a bad spec, an unreadable image, anything the model refuses
+            job = Job(lease, None)
+            self.ledger.hold(job)
+            self.ledger.leave(job, Outcome.raised(e))
+            return
+        job = Job(lease, request)
+        self.ledger.hold(job)
+        if self.adapters.ready(lease.model, request.loras):
+            self._offer(job)
+        else:
+            self.adapters.fetch(lease.model, request.loras, job)
+
+    def _offer(self, job: Job) -> None:
+        assert job.request is not None
+        lease = job.lease
+        f = self.engines[lease.model].config.downsample_factor
+        h, w = job.request.height // f, job.request.width // f
+        group, solo = (lease.model, h, w), lease.deliveries > 1
+        self.scheduler.offer(
+            Candidate(job.id, group, h * w, lease.deadline, time.time(), solo, lease.started, lease.model)
+        )
+
+    def offer_loaded(self) -> None:
+        """Jobs whose adapters have been loaded meanwhile wait to be admitted; a failed load fails its job."""
+        for loaded in self.adapters.done():
+            job = loaded.key
+            if isinstance(job, Job) and self.ledger.get(job.id) is job:  # not left meanwhile
+                if loaded.error:
+                    self.ledger.leave(job, Outcome.failed(loaded.error))
+                else:
+                    self._offer(job)
