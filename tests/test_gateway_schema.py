@@ -50,6 +50,7 @@ OPERATIONS = [  # and whether they take input that can be made invalid
     ("GET /v1/jobs/{job_id}", True),
     ("DELETE /v1/jobs/{job_id}", True),
     ("GET /v1/jobs/{job_id}/events", True),
+    ("GET /v1/jobs/{job_id}/previews/{index}", True),
     ("GET /v1/models", False),
     ("GET /v1/loras", False),
     ("GET /healthz", False),
