@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .ldm.config import DECODE_TILE
 from .ldm.request import (
     MAX_INPUT_PIXELS,
     MAX_LORAS,
@@ -20,6 +21,7 @@ from .ldm.request import (
     MAX_PROMPT_CHARS,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_UPSCALE_PIXELS,
     MODEL_NAME,
     Limits,
 )
@@ -134,6 +136,12 @@ class WorkerSettings(QueueSettings):
     )
     max_batch: int = Field(8, ge=1, description="most images denoised together")
     max_wait_ms: float = Field(50.0, ge=0, description="longest a lone job waits for batch-mates")
+    decode_tile: int = Field(
+        DECODE_TILE,
+        ge=8,
+        description="latents per side of a decoding tile: larger latents are decoded in overlapping tiles "
+        "(bounded memory for the x4 upscaler's 2048x2048 outputs)",
+    )
     pixel_budget: int = Field(
         32768, ge=1, description="most latent pixels (h/f * w/f summed over members) in one batch"
     )
@@ -196,6 +204,13 @@ class GatewaySettings(QueueSettings):
         le=MAX_INPUT_PIXELS,
         description="largest init image or mask (width x height), checked from its header before decoding",
     )
+    max_upscale_pixels: int = Field(
+        2048 * 2048,
+        ge=64,
+        le=MAX_UPSCALE_PIXELS,
+        description="largest x4 upscale output (16 x the input's pixels; 2048x2048: a 512x512 input), "
+        "checked from the image's header before decoding",
+    )
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
@@ -257,6 +272,7 @@ class GatewaySettings(QueueSettings):
             self.max_n,
             self.max_loras,
             self.max_input_pixels,
+            self.max_upscale_pixels,
         )
 
     @field_validator("webhook_allow", mode="before")

@@ -34,6 +34,9 @@ UPSCALE_VAE_SCALING_FACTOR = 0.08333
 UPSCALE_MAX_NOISE_LEVEL = 350
 UPSCALE_DEFAULT_NOISE_LEVEL = 20  # diffusers' StableDiffusionUpscalePipeline
 UPSCALE_FACTOR = 4
+# Tiled decoding (`tiling.py`): latents per tile side by default (512 pixels at f = 4, 1024 at f = 8, so
+# SDXL's 1024x1024 images decode whole).
+DECODE_TILE = 128
 
 
 @dataclass(frozen=True)

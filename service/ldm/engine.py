@@ -36,12 +36,11 @@ from .schedule import DiscreteSchedule
 from .sdxl_cond import added_vector, attach_handoff, condition
 from .sdxl_text import SDXLConditioner, SDXLEmbedding, SDXLText
 from .text import TextConditioner
-from .tiling import decode_tiled
+from .tiling import DECODE_TILE, decode_tiled
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DECODE_TILE = 128  # latents per tile side of tiled decoding (512 pixels at f = 4, 1024 at f = 8)
 
 
 @dataclass
@@ -110,8 +109,9 @@ class Engine:
         device: str = "cpu",
         dtype: str = "fp32",
         prediction: Prediction | None = None,
+        decode_tile: int = DECODE_TILE,
     ) -> Engine:
-        return cls(load_model(path, tokenizer_dir, prediction), device, dtype)
+        return cls(load_model(path, tokenizer_dir, prediction), device, dtype, decode_tile=decode_tile)
 
     def _sdxl_text(self, model: LoadedModel) -> SDXLText:
         """SDXL's encoders on this engine's device and dtype."""

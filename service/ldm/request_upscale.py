@@ -75,7 +75,10 @@ class UpscaleFields(BaseModel):
     @classmethod
     def _image_kind(cls, value: bytes | None) -> bytes | None:
         if value is not None:
-            input_image_size(value, "image")  # a PNG or JPEG of positive size, read from its header
+            try:
+                input_image_size(value, "image")  # a PNG or JPEG of positive size, read from its header
+            except RequestError as e:
+                raise ValueError(e.message) from None
         return value
 
 

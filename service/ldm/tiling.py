@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from .config import DECODE_TILE as DECODE_TILE
+
 Tensor = torch.Tensor
 
 
