@@ -25,7 +25,7 @@ from .ldm.request import (
     MODEL_NAME,
     Limits,
 )
-from .paths import DEMO_MODEL_NAME, bundled_model
+from .paths import DEMO_MODEL_NAME, DEMO_UPSCALER_NAME, bundled_model, bundled_upscaler
 
 
 class QueueSettings(BaseSettings):
@@ -78,12 +78,15 @@ class QueueSettings(BaseSettings):
 # or a JSON object `{"shapes": "models/shapes"}`.
 Models = Annotated[dict[str, Path], NoDecode]
 MODELS_HELP = (
-    "models served, name -> checkpoint; env LDM_MODELS='shapes=models/shapes,sd=x.safetensors' or JSON"
+    "models served, name -> checkpoint; env LDM_MODELS='shapes=models/shapes,sd=x.safetensors' or JSON "
+    "(default: the demo model, and the demo upscaler shapes-x4 when models/shapes-x4 exists)"
 )
 
 
 def _default_models() -> dict[str, Path]:
-    return {DEMO_MODEL_NAME: bundled_model()}
+    """The demo model, and the demo x4 upscaler when it is there (served at /v1/upscale)."""
+    upscaler = bundled_upscaler()
+    return {DEMO_MODEL_NAME: bundled_model(), **({DEMO_UPSCALER_NAME: upscaler} if upscaler.is_dir() else {})}
 
 
 def _parse_models(value: Any) -> Any:

@@ -4,6 +4,8 @@ StableDiffusionUpscalePipeline; its request rules; tiled decoding."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from service.ldm.images import png_bytes
 from service.ldm.layout import read_config
 from service.ldm.request import GenerationRequest, Limits, RequestError, resolve
 from service.ldm.tiling import decode_tiled
+from service.paths import REPO_ROOT
 
 from .tiny import tiny_config, write_tokenizer
 from .tiny_upscale import reference_upscale_pipeline, tiny_upscaler_config, write_upscaler_checkpoint
@@ -152,6 +155,41 @@ def test_request_rules(upscaler_path: Path) -> None:
     assert resolve(upscale(image=Image.open(io.BytesIO(jpeg.getvalue()))), upscaler).width == 48
     raw = GenerationRequest.parse({"prompt": "x", "image": jpeg.getvalue()})
     assert resolve(raw, upscaler).height == 48
+
+
+def test_ldm_generate_upscales_an_init_image(upscaler_path: Path, engine: Engine, tmp_path: Path) -> None:
+    low_res(4).save(tmp_path / "in.png")
+    args = [
+        "--model",
+        str(upscaler_path),
+        "--init-image",
+        str(tmp_path / "in.png"),
+        "--prompt",
+        "a red circle",
+    ]
+    args += ["--steps", "2", "--seed", "3", "--noise-level", "5", "-o", str(tmp_path / "out.png")]
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "generate", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    [result] = engine.generate([upscale(image=low_res(4), steps=2, seed=3, noise_level=5)])
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.size == (32, 32) and "Noise level: 5" in out.info["parameters"]
+        assert np.abs(np.asarray(out, dtype=int) - np.asarray(result.image, dtype=int)).max() <= 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "generate", *args[:2], "--prompt", "x", "-o", "x.png"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "--model: this model's task is upscale" in bad.stderr
 
 
 def test_tiled_decoding_is_whole_below_a_tile_and_seamless_above(engine: Engine) -> None:
