@@ -1,5 +1,5 @@
 """`ldm up` as a person runs it: it starts its own Redis, the gateway and a worker; a client gets an
-image, and the bundled upscaler upscales a 16x16 PNG better than bicubic; a worker that dies is
+image, and the bundled upscaler upscales an 8x8 PNG better than bicubic; a worker that dies is
 restarted; SIGTERM stops everything and exits 0."""
 
 from __future__ import annotations
@@ -124,17 +124,17 @@ def test_up_serves_restarts_a_dead_worker_and_stops_cleanly(
 
 
 def upscaled_better_than_bicubic(url: str) -> None:
-    """POST /v1/upscale (the first upscaler served: the bundled shapes-x4) a 16x16 PNG of a held-out
-    64x64 shape: the 64x64 answer is closer to the original than bicubic upscaling."""
+    """POST /v1/upscale (the first upscaler served: the bundled shapes-x4) an 8x8 PNG of a held-out
+    32x32 shape: the 32x32 answer is closer to the original than bicubic upscaling."""
     import io
 
     import numpy as np
     from PIL import Image
 
     from service.demo import shapes
-    from service.demo.upscaler import bicubic, downsample
+    from service.demo.upscaler import HIGH, bicubic, downsample
 
-    original = shapes.make_sample(shapes.EVAL_SEEDS.start + 7, 64).image  # (64, 64, 3)
+    original = shapes.make_sample(shapes.EVAL_SEEDS.start + 7, HIGH).image  # (32, 32, 3)
     small = downsample(original[None])[0]
     buffer = io.BytesIO()
     Image.fromarray(small).save(buffer, format="PNG")
@@ -142,7 +142,7 @@ def upscaled_better_than_bicubic(url: str) -> None:
     reply = httpx.post(f"{url}/v1/upscale", json=body, headers={"Accept": "image/png"}, timeout=120)
     assert reply.status_code == 200, reply.text
     image = np.asarray(Image.open(io.BytesIO(reply.content)).convert("RGB"), dtype=np.float64)
-    assert image.shape == (64, 64, 3)
+    assert image.shape == (HIGH, HIGH, 3)
     ours = np.mean((image - original) ** 2)
     baseline = np.mean((bicubic(small[None])[0].astype(np.float64) - original) ** 2)
     assert ours < baseline, (ours, baseline)
