@@ -129,10 +129,10 @@ def _check_model_names(value: dict[str, Path]) -> dict[str, Path]:
 
 
 # LDM_MAX_BATCH when unset, per device: the knee of images/s against the batch size measured by
-# bench/batching.py (docs/batching-cpu.png: on a 2-core CPU the demo model's images/s grows +44%
-# from 2 to 4 and +14% from 4 to 8, the 24.8M UNet's not at all; a bigger batch only slows each
-# job's steps there). The cuda figure is the common knee of SD-sized UNets on data-centre GPUs,
-# not measured here: `python -m bench.batching --device cuda` measures it.
+# bench/batching.py (docs/batching-cpu.png: on a 2-core CPU the demo model's images/s grows 38% from
+# 2 to 4 and 24% from 4 to 8 while its step gets 1.6 times slower, a 24.8M UNet's not at all). The
+# cuda figure is the common knee of SD-sized UNets on data-centre GPUs, not measured here yet:
+# `python -m bench.batching --device cuda` measures it.
 DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
 
 
