@@ -37,8 +37,7 @@ const editor = new MaskEditor(
 
 async function loadModels() {
   try {
-    // The page draws and redraws images; upscalers (task "upscale") are served at /v1/upscale.
-    models = (await api.models()).models.filter((m) => m.task !== "upscale");
+    models = (await api.models()).models;
   } catch (error) {
     showApiError(error);
     return;
