@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .ldm.config import DECODE_TILE
 from .ldm.request import (
     MAX_INPUT_PIXELS,
     MAX_LORAS,
@@ -20,10 +21,11 @@ from .ldm.request import (
     MAX_PROMPT_CHARS,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_UPSCALE_PIXELS,
     MODEL_NAME,
     Limits,
 )
-from .paths import DEMO_MODEL_NAME, bundled_model
+from .paths import DEMO_MODEL_NAME, DEMO_UPSCALER_NAME, bundled_model, bundled_upscaler
 
 
 class QueueSettings(BaseSettings):
@@ -76,12 +78,15 @@ class QueueSettings(BaseSettings):
 # or a JSON object `{"shapes": "models/shapes"}`.
 Models = Annotated[dict[str, Path], NoDecode]
 MODELS_HELP = (
-    "models served, name -> checkpoint; env LDM_MODELS='shapes=models/shapes,sd=x.safetensors' or JSON"
+    "models served, name -> checkpoint; env LDM_MODELS='shapes=models/shapes,sd=x.safetensors' or JSON "
+    "(default: the demo model, and the demo upscaler shapes-x4 when models/shapes-x4 exists)"
 )
 
 
 def _default_models() -> dict[str, Path]:
-    return {DEMO_MODEL_NAME: bundled_model()}
+    """The demo model, and the demo x4 upscaler when it is there (served at /v1/upscale)."""
+    upscaler = bundled_upscaler()
+    return {DEMO_MODEL_NAME: bundled_model(), **({DEMO_UPSCALER_NAME: upscaler} if upscaler.is_dir() else {})}
 
 
 def _parse_models(value: Any) -> Any:
@@ -163,6 +168,12 @@ class WorkerSettings(QueueSettings):
         description="a running job's progress is published at most this often (and its last step with its "
         "result); jobs that arrive meanwhile still join at the next step; 0 = every step",
     )
+    decode_tile: int = Field(
+        DECODE_TILE,
+        ge=8,
+        description="latents per side of a decoding tile: larger latents are decoded in overlapping tiles "
+        "(bounded memory for the x4 upscaler's 2048x2048 outputs)",
+    )
     pixel_budget: int = Field(
         32768, ge=1, description="most latent pixels (h/f * w/f summed over members) in one batch"
     )
@@ -231,6 +242,13 @@ class GatewaySettings(QueueSettings):
         le=MAX_INPUT_PIXELS,
         description="largest init image or mask (width x height), checked from its header before decoding",
     )
+    max_upscale_pixels: int = Field(
+        2048 * 2048,
+        ge=64,
+        le=MAX_UPSCALE_PIXELS,
+        description="largest x4 upscale output (16 x the input's pixels; 2048x2048: a 512x512 input), "
+        "checked from the image's header before decoding",
+    )
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
@@ -292,6 +310,7 @@ class GatewaySettings(QueueSettings):
             self.max_n,
             self.max_loras,
             self.max_input_pixels,
+            self.max_upscale_pixels,
         )
 
     @field_validator("webhook_allow", mode="before")

@@ -1,8 +1,10 @@
 """`ldm up` as a person runs it: it starts its own Redis, the gateway and a worker; a client gets an
-image; a worker that dies is restarted; SIGTERM stops everything and exits 0."""
+image, and the bundled upscaler upscales an 8x8 PNG better than bicubic; a worker that dies is
+restarted; SIGTERM stops everything and exits 0."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from service.paths import REPO_ROOT
+from service.paths import REPO_ROOT, bundled_upscaler
 from service.queue import keys
 
 from .gateway_env import write_tiny_own_model
@@ -101,6 +103,8 @@ def test_up_serves_restarts_a_dead_worker_and_stops_cleanly(
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
+    if bundled_upscaler().is_dir():
+        upscaled_better_than_bicubic(url)
 
     os.kill(first, signal.SIGKILL)  # a crash: `ldm up` restarts the worker after its backoff
     second = wait_for(lambda: [pid for pid in worker_pids(client) if pid != first], 60, "a restarted worker")
@@ -117,6 +121,31 @@ def test_up_serves_restarts_a_dead_worker_and_stops_cleanly(
     assert list((folder / "redis").rglob("*.aof*")), "Redis kept no append-only file"
     log = process.stdout.read() if process.stdout else ""
     assert "worker 0 exited with code -9; restarting" in log and "stopped" in log
+
+
+def upscaled_better_than_bicubic(url: str) -> None:
+    """POST /v1/upscale (the first upscaler served: the bundled shapes-x4) an 8x8 PNG of a held-out
+    32x32 shape: the 32x32 answer is closer to the original than bicubic upscaling."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from service.demo import shapes
+    from service.demo.upscaler import HIGH, bicubic, downsample
+
+    original = shapes.make_sample(shapes.EVAL_SEEDS.start + 7, HIGH).image  # (32, 32, 3)
+    small = downsample(original[None])[0]
+    buffer = io.BytesIO()
+    Image.fromarray(small).save(buffer, format="PNG")
+    body = {"prompt": "a shape", "image": base64.b64encode(buffer.getvalue()).decode(), "seed": 1}
+    reply = httpx.post(f"{url}/v1/upscale", json=body, headers={"Accept": "image/png"}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    image = np.asarray(Image.open(io.BytesIO(reply.content)).convert("RGB"), dtype=np.float64)
+    assert image.shape == (HIGH, HIGH, 3)
+    ours = np.mean((image - original) ** 2)
+    baseline = np.mean((bicubic(small[None])[0].astype(np.float64) - original) ** 2)
+    assert ours < baseline, (ours, baseline)
 
 
 def test_up_refuses_a_busy_port(tmp_path: Path, env: dict[str, str]) -> None:

@@ -47,6 +47,7 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway
 OPERATIONS = [  # and whether they take input that can be made invalid
     ("POST /v1/txt2img", True),
     ("POST /v1/img2img", True),
+    ("POST /v1/upscale", True),
     ("GET /v1/jobs/{job_id}", True),
     ("DELETE /v1/jobs/{job_id}", True),
     ("GET /v1/jobs/{job_id}/events", True),

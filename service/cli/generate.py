@@ -22,7 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="generate images from a prompt",
         description=(
             "Generate images with a latent diffusion model: text-to-image, image-to-image "
-            "(--init-image, --strength) and inpainting (--mask: white is repainted)."
+            "(--init-image, --strength) and inpainting (--mask: white is repainted). With an x4 upscaler "
+            "(--model x4-upscaler-ema.safetensors), --init-image is the image to upscale 4x."
         ),
     )
     p.add_argument(
@@ -65,6 +66,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="how much of the init image to repaint, 0 (none) to 1 (all; default 0.8, SDXL refiner 0.3)",
     )
     p.add_argument("--mask", type=Path, default=None, help="inpainting mask PNG: white is repainted")
+    p.add_argument(
+        "--noise-level",
+        type=int,
+        default=None,
+        help="x4 upscaler: noise added to --init-image before upscaling, 0 to 350 (default 20)",
+    )
     p.add_argument(
         "--lora",
         action="append",
@@ -180,14 +187,17 @@ def run(args: argparse.Namespace) -> int:
     except (LoraError, CheckpointError) as e:
         return fail("generate", f"--lora: {e}")
     try:
-        base = GenerationRequest.parse(
-            {**values, "init_image": init_image, "mask": mask, "loras": loras or None}
-        )
+        images = {"init_image": init_image, "mask": mask}
+        if engine.config.is_upscaler:  # --init-image is what it upscales
+            images = {"image": init_image, "noise_level": args.noise_level, "mask": mask}
+        elif args.noise_level is not None:
+            raise RequestError("noise_level", "only an x4 upscaler takes it")
+        base = GenerationRequest.parse({**values, **images, "loras": loras or None})
         requests = plan(base, args.n, engine.config, _limits())
         if base.refiner is not None:
             check_refiner(base.refiner, engine.config, refiners[REFINER].config)
     except RequestError as e:
-        flag = e.field.split(".")[0].replace("_", "-")
+        flag = {"image": "init-image"}.get(e.field, e.field.split(".")[0].replace("_", "-"))
         return fail("generate", f"--{flag}: {e.message}")
     total = sum(engine.resolve(r).steps for r in requests)
     with tqdm(total=total, desc="denoising", unit="step", disable=None) as bar:

@@ -94,6 +94,10 @@ class Gateway:
             self.metrics.rejected.labels("unauthenticated").inc()
             raise
 
+    def default_model_for(self, task: str) -> str | None:
+        """The first served model of a task (None: the default model, which then names its own task)."""
+        return next((info.name for info in self.catalog.infos() if info.config.task == task), None)
+
     async def submit(
         self,
         request: GenerationRequest,
@@ -220,6 +224,7 @@ class Gateway:
                     "samplers": list(SAMPLERS),
                     "inpainting": config.is_inpainting,
                     "refiner": config.is_refiner,
+                    "task": config.task,
                     "live_workers": live.get(info.name, 0),
                     "source": info.source,
                 }

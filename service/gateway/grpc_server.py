@@ -90,6 +90,8 @@ class ImagesServicer(pb_grpc.ImagesServicer):
             raise self.gateway.invalid(e) from None
         n = request.n if request.HasField("n") else 1
         model = request.model if request.HasField("model") else None
+        if model is None and request.image:
+            model = self.gateway.default_model_for("upscale")
         key = _text(dict(context.invocation_metadata() or ()).get("idempotency-key")) or ""
         return await self.gateway.submit(
             internal, owner, n=n, model=model, idempotency_key=key, webhook=webhook
@@ -188,7 +190,7 @@ def parse_webhook(values: dict[str, Any]) -> Webhook:
 def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
     """The internal request of a GenerateRequest: proto3 optional fields left unset are absent."""
     fields: tuple[str, ...] = ("width", "height", "steps", "guidance_scale", "sampler", "seed", "eta")
-    fields += ("strength", "aesthetic_score", "negative_aesthetic_score")
+    fields += ("strength", "aesthetic_score", "negative_aesthetic_score", "noise_level")
     values: dict[str, object] = {
         field: getattr(request, field) for field in fields if request.HasField(field)
     }
@@ -208,6 +210,7 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
             "negative_prompt": request.negative_prompt,
             "init_image": request.init_image or None,
             "mask": request.mask or None,
+            "image": request.image or None,
             "loras": loras or None,
             **values,
         }

@@ -10,10 +10,7 @@ exceptions (field errors are 400, never 422: the SDKs raise BadRequestError for 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -39,7 +36,7 @@ from .errors import (
     Unauthenticated,
     WaitTimeout,
 )
-from .generation import Gateway, Generated, Submission
+from .generation import Gateway, Generated
 from .openai_schemas import (
     EDIT_FORM,
     LINK_BY_DEFAULT,
@@ -51,12 +48,11 @@ from .openai_schemas import (
     ImagesResponse,
     OpenAIError,
     OpenAIModel,
-    Usage,
 )
+from .openai_stream import encoded_images, image_size_text, stream_events
 from .shaped import shaped_route
 from .signed_urls import UrlSigner
 
-DEFAULT_COMPRESSION = 100  # OpenAI's default output_compression
 MAX_FILES = 16  # files in one edits form (OpenAI takes up to 16 images)
 MAX_FIELDS = 64
 EXTENSIONS = {
@@ -302,7 +298,7 @@ async def _answer(
     submission = await gateway.submit(generation, owner, n=n, model=model)
     if options.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        events = _events(kind, options, gateway, submission)
+        events = stream_events(kind, options, gateway, submission, lambda e: _error(e)[1])
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     generated = await gateway.wait_for_images(submission)
     link = options.response_format == "url" or (
@@ -314,45 +310,9 @@ async def _answer(
         data = [ImageData(url=url, revised_prompt=generation.prompt) for url in urls]
         return _json(options, generated, data, "png")
     output_format = options.output_format or "png"
-    encoded = await _encoded(options, generated)
+    encoded = await encoded_images(options, generated)
     data = [ImageData(b64_json=b64, revised_prompt=generation.prompt) for b64 in encoded]
     return _json(options, generated, data, output_format)
-
-
-async def _encoded(options: ImageOptions, generated: Generated) -> list[str]:
-    output_format = options.output_format or "png"
-    quality = DEFAULT_COMPRESSION if options.output_compression is None else options.output_compression
-    out = []
-    for image in generated.images:
-        data = await asyncio.to_thread(uploads.encode, image.png, output_format, quality)
-        out.append(base64.b64encode(data).decode())
-    return out
-
-
-async def _partial(kind: str, options: ImageOptions, gateway: Gateway, job_id: str, index: int) -> str:
-    png = await gateway.jobs.preview(job_id, index)
-    if png is None:  # expired already
-        return ""
-    quality = DEFAULT_COMPRESSION if options.output_compression is None else options.output_compression
-    output_format = options.output_format or "png"
-    data = await asyncio.to_thread(uploads.encode, png, output_format, quality)
-    width, height = image_size(png, "image")
-    body = {
-        "type": f"{kind}.partial_image",
-        "b64_json": base64.b64encode(data).decode(),
-        "partial_image_index": index,
-        "created_at": int(time.time()),
-        "size": f"{width}x{height}",
-        "quality": options.quality or "auto",
-        "background": "opaque",
-        "output_format": output_format,
-    }
-    return f"event: {kind}.partial_image\ndata: {json.dumps(body)}\n\n"
-
-
-def _size(generated: Generated) -> str:
-    width, height = image_size(generated.images[0].png, "image") if generated.images else (0, 0)
-    return f"{width}x{height}"
 
 
 def _json(
@@ -363,53 +323,6 @@ def _json(
         data=data,
         output_format=output_format,  # type: ignore[arg-type]
         quality=options.quality or "auto",
-        size=_size(generated),
+        size=image_size_text(generated),
     )
     return JSONResponse(body.model_dump(mode="json", exclude_none=True))
-
-
-async def _events(
-    kind: str, options: ImageOptions, gateway: Gateway, submission: Submission
-) -> AsyncIterator[str]:
-    """`{kind}.partial_image` for every preview a worker publishes (the decoded x0 estimate at evenly
-    spaced steps, `partial_images` of them per image), then `{kind}.completed` for every image once
-    all are done; an `error` event instead when the jobs fail or the wait runs out."""
-    settings = gateway.settings
-    deadline = submission.received + settings.request_timeout_s
-    tick = min(settings.sse_keepalive_s, settings.request_timeout_s)
-    events = gateway.jobs.follow(submission.job_ids, idle_s=tick)
-    try:
-        async for event in events:
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(
-                    f"no result within {settings.request_timeout_s:g} s; the job goes on: "
-                    f"follow /v1/jobs/{submission.id}",
-                    submission.job_ids,
-                )
-            if event is None:
-                yield ": keepalive\n\n"
-            elif event.type == "preview":
-                partial = await _partial(kind, options, gateway, event.job_id, int(event.fields["index"]))
-                if partial:
-                    yield partial
-        generated = await gateway.collect(submission)
-        encoded = await _encoded(options, generated)
-    except GatewayError as e:
-        _status, error, _headers = _error(e)
-        yield f"event: error\ndata: {json.dumps({'type': 'error', **error})}\n\n"
-        return
-    finally:
-        await events.aclose()
-    size = _size(generated)
-    for b64 in encoded:
-        data = {
-            "type": f"{kind}.completed",
-            "b64_json": b64,
-            "created_at": int(time.time()),
-            "size": size,
-            "quality": options.quality or "auto",
-            "background": "opaque",
-            "output_format": options.output_format or "png",
-            "usage": Usage().model_dump(),
-        }
-        yield f"event: {kind}.completed\ndata: {json.dumps(data)}\n\n"

@@ -1,4 +1,5 @@
-"""POST /v1/txt2img and /v1/img2img: answer with the images when done, or 202 with `Prefer: respond-async`."""
+"""POST /v1/txt2img, /v1/img2img and /v1/upscale: answer with the images when done, or 202 with
+`Prefer: respond-async`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .schemas import (
     JobsAccepted,
     TimingsPublic,
     Txt2ImgCreate,
+    UpscaleCreate,
     ValidationErrorPublic,
 )
 
@@ -73,6 +75,22 @@ async def img2img(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Image to image (and inpainting with a mask): the init image redrawn from `strength`."""
+    return await _generate(gateway, body, request, owner, prefer, idempotency_key)
+
+
+@router.post("/upscale", response_model=ImagesPublic, responses=RESPONSES)
+async def upscale(
+    body: UpscaleCreate,
+    request: Request,
+    gateway: GatewayDep,
+    owner: Caller,
+    prefer: Prefer = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Super-resolution with an x4 upscaler: `image` upscaled 4x (the first upscaler served, unless
+    `model` names one)."""
+    if body.model is None:
+        body = body.model_copy(update={"model": gateway.default_model_for("upscale")})
     return await _generate(gateway, body, request, owner, prefer, idempotency_key)
 
 

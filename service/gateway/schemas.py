@@ -21,6 +21,7 @@ from ..ldm.request import (
     SDXLFields,
     TextFields,
 )
+from ..ldm.request_upscale import InputImage, UpscaleFields
 from ..queue.states import Webhook
 from .openai_schemas import OpenAIModel
 
@@ -50,6 +51,13 @@ class Img2ImgCreate(Txt2ImgCreate, ImageFields):
     height default to the init image's."""
 
     init_image: PngImage = Field(min_length=1, description="base64 PNG")
+
+
+class UpscaleCreate(Txt2ImgCreate, UpscaleFields):
+    """The x4 upscaler: `image` (base64 PNG or JPEG) upscaled 4x, guided by the prompt; the image is
+    noised to `noise_level` first. `model` defaults to the first upscaler served."""
+
+    image: InputImage = Field(min_length=1, description="base64 PNG or JPEG, upscaled 4x")
 
 
 class ImagePublic(BaseModel):
@@ -127,6 +135,9 @@ class ModelPublic(BaseModel):
     samplers: list[str]
     inpainting: bool
     refiner: bool = Field(description="an SDXL refiner: img2img, or the second stage of a base's request")
+    task: str = Field(
+        description="txt2img (and img2img), inpaint, img2img (a refiner) or upscale (/v1/upscale)"
+    )
     live_workers: int
     source: str = Field(description="where these facts came from: metadata, weights or defaults")
 

@@ -40,20 +40,25 @@ def _transformer_depth(shapes: Shapes, prefix: str) -> int:
     return len(_indices(shapes, f"{prefix}.transformer_blocks."))
 
 
-def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2", "sdxl"]) -> UNetConfig:
+def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2", "sdxl", "upscale-x4"]) -> UNetConfig:
     """UNetConfig of CompVis-layout UNet weights (`model.diffusion_model.` stripped).
 
     `family` supplies what shapes cannot tell: how channels split into heads (SD 1.x: 8 heads
     everywhere; SD 2.x and SDXL: heads of width 64). SD 1/2 UNets have one transformer depth; SDXL's
     differ per level (base 0, 2, 10; refiner 0, 4, 4, 0) and carry the additional embedding
-    `label_emb`. Raises ValueError for anything else (e.g. res-block counts that differ per level).
+    `label_emb`. The x4 upscaler (SD 2's text encoder) has 8 heads everywhere as SD 1.x, a class
+    embedding of the low-res noise level (`label_emb.weight`, an nn.Embedding), and levels whose first
+    attention attends to the text (`attn1.to_k` takes the context's width: see `_cross_only_levels`).
+    Raises ValueError for anything else (e.g. res-block counts that differ per level).
     """
-    what = "an SDXL UNet" if family == "sdxl" else "a Stable Diffusion UNet"
+    what = {"sdxl": "an SDXL UNet", "upscale-x4": "an x4 upscaler UNet"}.get(
+        family, "a Stable Diffusion UNet"
+    )
     mc, in_channels = _shape(shapes, "input_blocks.0.0.weight", what, ndim=4)[:2]
     out_channels = _shape(shapes, "out.2.weight", what, ndim=4)[0]
     if _shape(shapes, "time_embed.0.weight", what, ndim=2) != (4 * mc, mc):
         raise ValueError(f"weights do not look like {what}: time_embed.0 is not ({4 * mc}, {mc})")
-    adm_in_channels = _label_emb(shapes, 4 * mc, family)
+    adm_in_channels, num_classes = _label_emb(shapes, 4 * mc, family)
 
     # Input blocks: split the res blocks into levels at the downsamplers (`.0.op`).
     levels: list[list[int]] = [[]]
@@ -104,10 +109,10 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2", "sdxl"]) -> 
         raise ValueError(f"unsupported UNet: transformer depth varies or is zero ({sorted(used)})")
     context_dim = _shape(shapes, f"{mid}.transformer_blocks.0.attn2.to_k.weight", what, ndim=2)[1]
 
-    # SD 1.x configs set num_heads: 8; SD 2.x and SDXL set num_head_channels: 64.
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', got {family!r}")
-    num_heads, head_dim = (8, None) if family == "sd1" else (None, 64)
+    # SD 1.x and the x4 upscaler set num_heads: 8; SD 2.x and SDXL set num_head_channels: 64.
+    if family not in ("sd1", "sd2", "sdxl", "upscale-x4"):
+        raise ValueError(f"family must be 'sd1', 'sd2', 'sdxl' or 'upscale-x4', got {family!r}")
+    num_heads, head_dim = (8, None) if family in ("sd1", "upscale-x4") else (None, 64)
     cfg = UNetConfig(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -122,6 +127,8 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2", "sdxl"]) -> 
         use_linear_projection=len(proj_in) == 2,
         level_depths=tuple(level_depths) if family == "sdxl" else (),
         adm_in_channels=adm_in_channels,
+        num_classes=num_classes,
+        cross_only_levels=_cross_only_levels(shapes, levels, attention_levels, context_dim),
     )
     for n in (*attention_levels, len(channel_mult) - 1):  # the last level's width is the middle's
         ch = mc * channel_mult[n]
@@ -131,19 +138,48 @@ def infer_unet_config(shapes: Shapes, family: Literal["sd1", "sd2", "sdxl"]) -> 
     return cfg
 
 
-def _label_emb(shapes: Shapes, emb_dim: int, family: str) -> int:
-    """Input width of the additional embedding `label_emb.0` (Linear, SiLU, Linear); 0 when absent."""
+def _cross_only_levels(
+    shapes: Shapes, levels: list[list[int]], attention_levels: list[int], context_dim: int
+) -> tuple[int, ...]:
+    """Levels whose `attn1` attends to the context: its `to_k` takes the context's width, not the
+    level's. Where the two widths are equal the shapes cannot tell, and self-attention is taken (the
+    released upscaler's only such level, its last, is self-attention). Every block of a level must agree."""
+    found = []
+    for n in attention_levels:
+        keys = [f"input_blocks.{i}.1.transformer_blocks.0.attn1.to_k.weight" for i in levels[n]]
+        widths = {_shape(shapes, key, "a UNet", ndim=2) for key in keys}
+        cross = {rows != cols and cols == context_dim for rows, cols in widths}
+        if len(cross) > 1:
+            raise ValueError(
+                f"unsupported UNet: only some blocks of level {n} attend to the context in attn1"
+            )
+        if cross.pop():
+            found.append(n)
+    return tuple(found)
+
+
+def _label_emb(shapes: Shapes, emb_dim: int, family: str) -> tuple[int, int]:
+    """(input width of SDXL's added embedding `label_emb.0` (Linear, SiLU, Linear), classes of the x4
+    upscaler's `label_emb` (an nn.Embedding)); zeros when absent."""
+    if family == "upscale-x4":
+        what = "an x4 upscaler UNet"
+        classes, width = _shape(shapes, "label_emb.weight", what, ndim=2)
+        if width != emb_dim:
+            raise ValueError(
+                f"weights do not look like {what}: label_emb.weight is not ({classes}, {emb_dim})"
+            )
+        return 0, classes
     if not any(key.startswith("label_emb.") for key in shapes):
         if family == "sdxl":
             raise ValueError("weights do not look like an SDXL UNet: no label_emb.0.0.weight")
-        return 0
+        return 0, 0
     if family != "sdxl":
         raise ValueError("class-conditional UNets (label_emb) are only supported in SDXL checkpoints")
     what = "an SDXL UNet"
     rows, width = _shape(shapes, "label_emb.0.0.weight", what, ndim=2)
     if rows != emb_dim or _shape(shapes, "label_emb.0.2.weight", what, ndim=2) != (emb_dim, emb_dim):
         raise ValueError(f"weights do not look like {what}: label_emb does not map to {emb_dim} channels")
-    return width
+    return width, 0
 
 
 def infer_autoencoder_config(shapes: Shapes) -> AutoencoderConfig:

@@ -95,7 +95,10 @@ class Member:
     uncond: Tensor | None  # (1, L, D) negative-prompt embedding; None when guidance is off
     guidance: float
     generator: torch.Generator
-    concat: Tensor | None = None  # (1, 1 + C, h, w) inpainting-model input: mask, masked-image latent
+    # Extra UNet input channels: (1, 1 + C, h, w) inpainting's mask and masked-image latent, or (1, 3, h, w)
+    # the x4 upscaler's noised low-res image (concatenated after the sampler's input scaling, as diffusers).
+    concat: Tensor | None = None
+    label: int | None = None  # the x4 upscaler's class: the low-res image's noise level
     blend: LatentBlend | None = None
     # LoRA adapters with their weights; they apply to both rows of the member's CFG pair.
     loras: tuple[tuple[LoraAdapter, float], ...] = ()
@@ -184,7 +187,7 @@ class DenoisingBatch:
 
     def _advance_with(self, denoiser: Denoiser, active: list[Member]) -> None:
         xs, sigmas, contexts, concats = [], [], [], []
-        text_embeds, time_ids = [], []
+        text_embeds, time_ids, labels = [], [], []
         row_loras: list[tuple[tuple[LoraAdapter, float], ...]] = []
         for m in active:
             assert m.sampler is not None
@@ -198,6 +201,8 @@ class DenoisingBatch:
                 row_loras.append(m.loras)
                 if m.concat is not None:
                     concats.append(m.concat)
+                if m.label is not None:
+                    labels.append(m.label)
                 if added is not None:
                     text_embeds.append(added.text_embeds)
                     time_ids.append(added.time_ids)
@@ -209,6 +214,10 @@ class DenoisingBatch:
             if len(concats) != len(xs):
                 raise ValueError("an inpainting model needs mask channels for every member")
             extra["concat"] = torch.cat(concats)
+        if labels:
+            if len(labels) != len(xs):
+                raise ValueError("an upscaler needs a noise level for every member")
+            extra["class_labels"] = torch.tensor(labels, dtype=torch.long)  # (rows,)
         if context_mask is not None:
             extra["context_mask"] = context_mask
         if any(row_loras):  # only then: a plain UNet callable takes no `loras`

@@ -28,6 +28,7 @@ from .layout import (
     CLIP_OPENCLIP_PREFIX,
     CONFIG_METADATA_KEY,
     FORMAT_METADATA,
+    LOW_SCALE_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
@@ -59,6 +60,8 @@ class LoadedModel:
     text_model_2: CLIPTextModel | None = None
     tokenizer_2: CLIPTokenizer | None = None
     text_projection: torch.nn.Linear | None = None
+    # The x4 upscaler: the low-res image's noise schedule as the file holds it (`low_scale_model.*`).
+    low_res_alphas_cumprod: Tensor | None = None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -169,6 +172,13 @@ def load_model(
         autoencoder = Autoencoder(config.autoencoder)
     load_strict(unet, parts["unet"], UNET_PREFIX)
     load_strict(autoencoder, parts["vae"], VAE_PREFIX)
+    low_res = None
+    if config.is_upscaler and "alphas_cumprod" in parts["low_scale"]:
+        low_res = parts["low_scale"]["alphas_cumprod"].float()
+        if low_res.shape != (1000,):
+            raise CheckpointError(
+                f"{LOW_SCALE_PREFIX}alphas_cumprod has shape {tuple(low_res.shape)}, not (1000,)"
+            )
     text_modules = [m for m in (text_model, text_model_2) if m is not None]
     log.info(
         "loaded %s in %.1f s: %s%s, %s-prediction, parameters: UNet %.1fM, autoencoder %.1fM, text %s",
@@ -182,7 +192,7 @@ def load_model(
         " + ".join(f"{_millions(m):.1f}M" for m in text_modules),
     )
     return LoadedModel(
-        config, unet, autoencoder, text_model, tokenizer, path, text_model_2, tokenizer_2, projection
+        config, unet, autoencoder, text_model, tokenizer, path, text_model_2, tokenizer_2, projection, low_res
     )
 
 

@@ -16,7 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-Family = Literal["sd1", "sd2", "sdxl", "custom"]
+Family = Literal["sd1", "sd2", "sdxl", "upscale-x4", "custom"]
+Task = Literal["txt2img", "inpaint", "img2img", "upscale"]
 Prediction = Literal["eps", "v"]
 
 # SDXL's added conditioning (sgm's `ConcatTimestepEmbedderND`, diffusers' `addition_time_embed_dim`):
@@ -26,6 +27,16 @@ SDXL_TIME_ID_WIDTH = 256
 SDXL_BASE_TIME_IDS = 6
 SDXL_REFINER_TIME_IDS = 5
 SDXL_VAE_SCALING_FACTOR = 0.13025  # SDXL's autoencoder has SD's architecture but other latent statistics
+# The x4 upscaler (LDM paper sec. 4.4, Stability's `x4-upscaling.yaml`): an f = 4 autoencoder with this
+# latent scale, the low-res image concatenated to the latent (3 channels), noised on a schedule of its
+# own up to this level, which the UNet is told through its class embedding (`label_emb`).
+UPSCALE_VAE_SCALING_FACTOR = 0.08333
+UPSCALE_MAX_NOISE_LEVEL = 350
+UPSCALE_DEFAULT_NOISE_LEVEL = 20  # diffusers' StableDiffusionUpscalePipeline
+UPSCALE_FACTOR = 4
+# Tiled decoding (`tiling.py`): latents per tile side by default (512 pixels at f = 4, 1024 at f = 8, so
+# SDXL's 1024x1024 images decode whole).
+DECODE_TILE = 128
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,13 @@ class UNetConfig:
     # SDXL: width of the additional embedding (`label_emb`): the pooled text embedding and the
     # Fourier-embedded size / crop / aesthetic ids (2816 base, 2560 refiner); 0: none.
     adm_in_channels: int = 0
+    # The x4 upscaler: classes of its `label_emb` embedding (an nn.Embedding of the low-res noise level,
+    # 1000 in the released file); 0: none.
+    num_classes: int = 0
+    # Levels whose transformers' first attention attends to the context instead of to the feature map
+    # (the original's `disable_self_attentions`, diffusers' `only_cross_attention`): the upscaler's upper
+    # levels, where self-attention over a large image would not fit.
+    cross_only_levels: tuple[int, ...] = ()
 
     def depth_at(self, level: int) -> int:
         """Transformer blocks per spatial transformer at `level` (0: no attention there)."""
@@ -116,6 +134,13 @@ class ModelConfig:
     default_guidance: float = 7.5
     default_sampler: str = "dpmpp_2m"
     default_strength: float = 0.8  # img2img; diffusers' SDXL refiner pipeline uses 0.3
+    # The DDPM noise schedule (scaled-linear betas): SD's, unless the model was trained on another (the x4
+    # upscaler: 0.0001 -> 0.02, for the latent and for the low-res image alike).
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    # The x4 upscaler: the highest noise level of the low-res image, and a request's default.
+    max_noise_level: int = UPSCALE_MAX_NOISE_LEVEL
+    default_noise_level: int = UPSCALE_DEFAULT_NOISE_LEVEL
 
     @property
     def latent_channels(self) -> int:
@@ -128,6 +153,20 @@ class ModelConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def is_upscaler(self) -> bool:
+        """The x4 upscaler: the low-res image's 3 channels beside the latent, its noise level as a class."""
+        return self.unet.num_classes > 0 and self.unet.in_channels == self.latent_channels + 3
+
+    @property
+    def task(self) -> Task:
+        """What the model serves: upscaling, inpainting, refining (img2img only), or txt2img (and img2img)."""
+        if self.is_upscaler:
+            return "upscale"
+        if self.is_inpainting:
+            return "inpaint"
+        return "img2img" if self.is_refiner else "txt2img"
 
     @property
     def is_sdxl(self) -> bool:

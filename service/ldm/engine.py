@@ -5,7 +5,9 @@ checkpoints, and by latent blending with ordinary ones. Requests are prepared in
 (`prepare`), advanced together (`DenoisingBatch`) and decoded as they finish (`decode_members`); a
 worker uses the same three calls to run continuous batching. SDXL models condition through
 `sdxl_text.py` and `sdxl_cond.py`; an SDXL base hands a request's latent to a refiner engine given
-to `prepare` (`refiner=`).
+to `prepare` (`refiner=`). An x4 upscaler (`config.is_upscaler`) takes the request's low-res image,
+noised to its `noise_level`, as extra UNet channels and the noise level as its class (diffusers'
+StableDiffusionUpscalePipeline); its large outputs are decoded in tiles (`tiling.py`, `decode_tile`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .schedule import DiscreteSchedule
 from .sdxl_cond import added_vector, attach_handoff, condition
 from .sdxl_text import SDXLConditioner, SDXLEmbedding, SDXLText
 from .text import TextConditioner
+from .tiling import DECODE_TILE, decode_tiled
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -55,7 +58,14 @@ ProgressCallback = Callable[[int, int, int], None]  # (request index, step, tota
 class Engine:
     """A latent diffusion model held warm on one device."""
 
-    def __init__(self, model: LoadedModel, device: str = "cpu", dtype: str = "fp32", text_cache: int = 256):
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        text_cache: int = 256,
+        decode_tile: int = DECODE_TILE,
+    ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if device == "cpu" and dtype != "fp32":
@@ -74,7 +84,13 @@ class Engine:
         else:
             text_model = model.text_model.to(device=self.device, dtype=self.dtype)  # type: ignore[call-arg]
             self.text = TextConditioner(text_model, model.tokenizer, text_cache)
-        self.schedule = DiscreteSchedule()
+        if decode_tile < 8:
+            raise ValueError(f"decode_tile must be at least 8 latents, got {decode_tile}")
+        self.decode_tile = decode_tile
+        self.schedule = DiscreteSchedule(beta_start=self.config.beta_start, beta_end=self.config.beta_end)
+        # The x4 upscaler's low-res noise schedule: the file's buffers, else its betas (the same numbers).
+        low_res = model.low_res_alphas_cumprod
+        self.low_res_alphas = self.schedule.alphas_cumprod if low_res is None else low_res.float()
         self.denoiser = Denoiser(self._unet_call, self.schedule, self.config.prediction)
         self.lora_layers: dict[tuple[Part, str], torch.nn.Module] = {
             ("unet", path): layer for path, layer in adaptable(self.unet)
@@ -92,8 +108,9 @@ class Engine:
         device: str = "cpu",
         dtype: str = "fp32",
         prediction: Prediction | None = None,
+        decode_tile: int = DECODE_TILE,
     ) -> Engine:
-        return cls(load_model(path, tokenizer_dir, prediction), device, dtype)
+        return cls(load_model(path, tokenizer_dir, prediction), device, dtype, decode_tile=decode_tile)
 
     def _sdxl_text(self, model: LoadedModel) -> SDXLText:
         """SDXL's encoders on this engine's device and dtype."""
@@ -116,10 +133,12 @@ class Engine:
         loras: RowLoras | None = None,
         text_embeds: Tensor | None = None,
         time_ids: Tensor | None = None,
+        class_labels: Tensor | None = None,
     ) -> Tensor:
         if concat is not None:
-            x = torch.cat([x, concat], dim=1)  # (B, 4 + 1 + 4, h, w) for inpainting UNets
-        y = None
+            # (B, 4 + 1 + 4, h, w) for inpainting UNets, (B, 4 + 3, h, w) for the x4 upscaler
+            x = torch.cat([x, concat.to(x.device, x.dtype)], dim=1)
+        y = None if class_labels is None else class_labels.to(self.device)  # (B,) the upscaler's noise levels
         if text_embeds is not None and time_ids is not None:  # SDXL: per row, (B, adm_in_channels)
             y = added_vector(text_embeds.to(self.device), time_ids.to(self.device))
         groups = group_rows(loras, self.device, self.dtype) if loras else ()
@@ -157,6 +176,8 @@ class Engine:
         f = cfg.downsample_factor
         shape = (1, cfg.latent_channels, request.height // f, request.width // f)
         generator = torch.Generator("cpu").manual_seed(request.seed)
+        # The upscaler draws its low-res image's noise first, then the latent's, as diffusers does.
+        low_res = self._low_res(request, generator) if cfg.is_upscaler else None
         # The convention of diffusers and of A1111's CPU RNG: noise does not depend on batch-mates.
         noise = torch.randn(shape, generator=generator).to(self.device)  # (1, C, h, w)
         if request.guidance_scale == 1.0:
@@ -175,6 +196,8 @@ class Engine:
             generator=generator,
             loras=tuple((adapter, float(weight)) for adapter, weight in loras),
         )
+        if low_res is not None:
+            member.concat, member.label = low_res, request.noise_level
         self._start_latent(member, request, noise)
         if isinstance(cond_emb, SDXLEmbedding):
             uncond_sdxl = None if uncond is None else uncond_emb
@@ -183,6 +206,18 @@ class Engine:
         if request.refiner is not None:
             attach_handoff(self, refiner, request, member)
         return member, cond_emb.tokens
+
+    def _low_res(self, request: ResolvedRequest, generator: torch.Generator) -> Tensor:
+        """The upscaler's low-res image in [-1, 1], noised to `noise_level` on its own DDPM schedule
+        (diffusers' `low_res_scheduler.add_noise`; the original's ImageConcatWithNoiseAugmentation)."""
+        if request.image is None:
+            raise RequestError("image", "an x4 upscaler needs an image to upscale")
+        pixels = decode_image(request.image, "image")
+        f = self.config.downsample_factor
+        image = to_tensor(pixels, request.width // f, request.height // f)  # (1, 3, h, w), not resized
+        noise = torch.randn(image.shape, generator=generator)  # (1, 3, h, w)
+        alpha = self.low_res_alphas[request.noise_level]
+        return (alpha**0.5 * image + (1 - alpha) ** 0.5 * noise).to(self.device)
 
     def _start_latent(self, member: Member, request: ResolvedRequest, noise: Tensor) -> None:
         steps, name, eta = request.steps, request.sampler, request.eta
@@ -225,7 +260,8 @@ class Engine:
         with torch.inference_mode():
             vae_dtype = next(self.autoencoder.parameters()).dtype
             z = (latents / self.config.autoencoder.scaling_factor).to(vae_dtype)
-            return to_images(self.autoencoder.decode(z))
+            tile = self.decode_tile
+            return to_images(decode_tiled(self.autoencoder.decode, z, tile, overlap=tile // 4))
 
     def decode_members(self, members: Sequence[Member]) -> list[Image.Image]:
         """Finished members' images, each decoded by its own decoder (a refiner's after a hand-off)."""

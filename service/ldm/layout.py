@@ -12,6 +12,8 @@ Two formats share the original CompVis / Stability key layout:
   SDXL files (Stability's `sgm` layout) hold the text encoders under `conditioner.embedders.N.`:
   the base `0.transformer.*` (CLIP ViT-L, transformers' layout) and `1.model.*` (OpenCLIP ViT-bigG,
   with its `text_projection`), the refiner only `0.model.*` (ViT-bigG).
+- The x4 upscaler (Stability's `x4-upscaler-ema.safetensors`): SD 2's layout, plus the low-res image's
+  noise schedule (`low_scale_model.*` buffers) and the UNet's class embedding `label_emb.weight`.
 - The project's own format: the same layout, with the config as JSON in the safetensors metadata
   under `ldm.config` (`ModelConfig.to_json`).
 """
@@ -32,6 +34,7 @@ from .config import (
     SDXL_REFINER_TIME_IDS,
     SDXL_TIME_ID_WIDTH,
     SDXL_VAE_SCALING_FACTOR,
+    UPSCALE_VAE_SCALING_FACTOR,
     ModelConfig,
     TextEncoderConfig,
 )
@@ -46,6 +49,7 @@ CLIP_OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 SDXL_REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
+LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's low-res noise schedule (DDPM buffers)
 CONFIG_METADATA_KEY = "ldm.config"
 FORMAT_METADATA = {"format": "pt", "ldm.format": "ldm-service/1"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own bound
@@ -57,11 +61,24 @@ PARTS = (
     ("sdxl_clip_l", SDXL_CLIP_L_PREFIX),
     ("sdxl_clip_g", SDXL_CLIP_G_PREFIX),
     ("sdxl_refiner_clip_g", SDXL_REFINER_CLIP_G_PREFIX),
+    ("low_scale", LOW_SCALE_PREFIX),
 )
 SD_TEXT_PARTS = ("clip_hf", "clip_openclip")
 SDXL_TEXT_PARTS = ("sdxl_clip_l", "sdxl_clip_g", "sdxl_refiner_clip_g")
 # Serving defaults of SDXL models: diffusers' guidance (5.0) and the refiner's img2img strength (0.3).
 SDXL_DEFAULTS: dict[str, Any] = {"sample_size": 1024, "default_steps": 30, "default_guidance": 5.0}
+# The x4 upscaler's, as Stability's `x4-upscaling.yaml` and diffusers' StableDiffusionUpscalePipeline have
+# them: v-prediction, betas 0.0001 -> 0.02 (latent and low-res image), 75 DDIM steps, guidance 9.
+# sample_size: the output side of its 128-pixel training crops' inputs (it upscales any size).
+UPSCALE_DEFAULTS: dict[str, Any] = {
+    "prediction": "v",
+    "sample_size": 512,
+    "default_steps": 75,
+    "default_guidance": 9.0,
+    "default_sampler": "ddim",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+}
 # Keys real SD files carry that inference does not use: the training-time DDPM buffers, the EMA
 # bookkeeping, and the autoencoder's training loss (LPIPS, discriminator).
 IGNORED = re.compile(
@@ -189,6 +206,8 @@ def infer_config(
             raise CheckpointError(f"{path}: bad {CONFIG_METADATA_KEY} metadata: {e}") from None
     if any(parts.get(part) for part in SDXL_TEXT_PARTS):
         return infer_sdxl_config(parts, path)
+    if "label_emb.weight" in parts["unet"] or parts.get("low_scale"):
+        return infer_upscaler_config(parts, path)
     family: Literal["sd1", "sd2"] = "sd2" if parts["clip_openclip"] else "sd1"
     try:
         unet = infer_unet_config(_shapes(parts["unet"]), family)
@@ -289,6 +308,35 @@ def infer_sdxl_config(parts: Mapping[str, Mapping[str, Any]], path: Path) -> Mod
         )
     defaults = {**SDXL_DEFAULTS, "default_strength": 0.3} if refiner else SDXL_DEFAULTS
     return ModelConfig(family="sdxl", unet=unet, autoencoder=vae, text=text, text_2=text_2, **defaults)
+
+
+def infer_upscaler_config(parts: Mapping[str, Mapping[str, Any]], path: Path) -> ModelConfig:
+    """The x4 upscaler: SD 2's OpenCLIP text encoder (penultimate layer), a UNet taking the latent and
+    the low-res image (in_channels = latent + 3) with the noise level as a class, an f = 4 autoencoder."""
+    if not parts["clip_openclip"]:
+        raise CheckpointError(
+            f"{path}: an x4 upscaler's text encoder is OpenCLIP's ({CLIP_OPENCLIP_PREFIX}*)"
+        )
+    try:
+        unet = infer_unet_config(_shapes(parts["unet"]), "upscale-x4")
+        vae = replace(
+            infer_autoencoder_config(_shapes(parts["vae"])), scaling_factor=UPSCALE_VAE_SCALING_FACTOR
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if unet.in_channels != vae.latent_channels + 3:
+        raise CheckpointError(
+            f"{path}: an x4 upscaler's UNet takes the latent and the low-res image "
+            f"({vae.latent_channels} + 3 channels), {UNET_PREFIX}input_blocks.0.0.weight "
+            f"takes {unet.in_channels}"
+        )
+    if vae.downsample_factor != 4:
+        raise CheckpointError(
+            f"{path}: an x4 upscaler's autoencoder is f = 4, this one f = {vae.downsample_factor}"
+        )
+    return ModelConfig(
+        family="upscale-x4", unet=unet, autoencoder=vae, text=infer_text_config(parts), **UPSCALE_DEFAULTS
+    )
 
 
 def normalize_hf_key(key: str) -> str:

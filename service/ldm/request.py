@@ -10,7 +10,8 @@ limits before anything is enqueued, the engine with the hard bounds below.
 The seed rule: a request without a seed gets one drawn once, by `resolve` (the gateway resolves before
 it enqueues, so every attempt of a job draws the same image); `plan` gives image i of n the seed
 `seed + i`. SDXL models take more (`SDXLFields`: their fields, bounds, defaults and rules are in
-`request_sdxl.py`, part of this definition); the others refuse those fields.
+`request_sdxl.py`, part of this definition); the others refuse those fields. So do x4 upscalers'
+(`UpscaleFields`, `request_upscale.py`: the low-res `image` and its `noise_level`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .request_sdxl import (
     SDXLFields,
     resolve_sdxl,
 )
+from .request_upscale import MAX_UPSCALE_PIXELS, UpscaleFields, resolve_upscale
 
 SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
@@ -182,7 +184,7 @@ class ImageFields(BaseModel):
         return value
 
 
-class GenerationRequest(TextFields, ImageFields, SDXLFields):
+class GenerationRequest(TextFields, ImageFields, SDXLFields, UpscaleFields):
     """One image to draw: the request every API maps onto, and the job spec in Redis (`to_json`)."""
 
     def to_json(self) -> str:
@@ -213,6 +215,7 @@ class Limits:
     max_n: int = MAX_N
     max_loras: int = MAX_LORAS
     max_input_pixels: int = MAX_INPUT_PIXELS
+    max_upscale_pixels: int = MAX_UPSCALE_PIXELS  # an upscale's output (4x the input per side)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,9 @@ class ResolvedRequest:
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
     refiner: Refiner | None = None
+    # The x4 upscaler: the low-res image (width and height above are 4x its size) and its noise level.
+    image: bytes | None = None
+    noise_level: int = 0
 
     def parameters(self) -> str:
         """The text stored in the PNG, in the web UIs' `parameters` style."""
@@ -250,7 +256,7 @@ class ResolvedRequest:
         return (
             f"{self.prompt}{negative}\nSteps: {self.steps}, Sampler: {self.sampler}, "
             f"CFG scale: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}"
-            f"{loras}{refiner}"
+            f"{loras}{refiner}{f', Noise level: {self.noise_level}' if self.image is not None else ''}"
         )
 
 
@@ -263,6 +269,8 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
     _check_text(request, limits)
     if request.loras and len(request.loras) > limits.max_loras:
         raise RequestError("loras", f"must be at most {limits.max_loras} adapters, got {len(request.loras)}")
+    if model.is_upscaler or request.image is not None or request.noise_level is not None:
+        return _resolve_upscale(request, model, limits)
     native = (model.sample_size, model.sample_size)
     if request.init_image is not None:
         native = _input_size(request.init_image, "init_image", limits)
@@ -293,6 +301,26 @@ def resolve(request: GenerationRequest, model: ModelConfig, limits: Limits = Lim
         loras=tuple((ref.name, ref.weight) for ref in request.loras or ()),
         previews=request.previews or 0,
         **sdxl,
+    )
+
+
+def _resolve_upscale(request: GenerationRequest, model: ModelConfig, limits: Limits) -> ResolvedRequest:
+    upscale = resolve_upscale(request, model, limits)
+    steps = model.default_steps if request.steps is None else request.steps
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+    return ResolvedRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=steps,
+        guidance_scale=model.default_guidance if request.guidance_scale is None else request.guidance_scale,
+        sampler=request.sampler or model.default_sampler,
+        seed=draw_seed() if request.seed is None else request.seed,
+        eta=DEFAULT_ETA if request.eta is None else request.eta,
+        strength=1.0,
+        init_image=None,
+        mask=None,
+        **upscale,
     )
 
 

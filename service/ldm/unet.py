@@ -155,9 +155,13 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention to the context, GEGLU MLP."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, context_dim: int, cross_only: bool = False
+    ) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, head_dim)
+        # cross_only: the first attention attends to the context too (the x4 upscaler's upper levels).
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(dim, context_dim if cross_only else dim, heads, head_dim)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -165,7 +169,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
+        # The upscaler's upper levels: attn1 attends to the text as attn2 does.
+        x = x + (self.attn1(self.norm1(x), context, mask) if self.cross_only else self.attn1(self.norm1(x)))
         x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
 
@@ -176,7 +181,14 @@ class SpatialTransformer(nn.Module):
     both are the same map, only the weight shapes differ."""
 
     def __init__(
-        self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, use_linear: bool
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        depth: int,
+        context_dim: int,
+        use_linear: bool,
+        cross_only: bool = False,
     ) -> None:
         super().__init__()
         inner = heads * head_dim
@@ -184,7 +196,7 @@ class SpatialTransformer(nn.Module):
         self.norm = norm(channels, eps=1e-6)
         self.proj_in: nn.Module = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)]
+            [BasicTransformerBlock(inner, heads, head_dim, context_dim, cross_only) for _ in range(depth)]
         )
         self.proj_out: nn.Module = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
@@ -239,17 +251,23 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         emb_dim = 4 * mc
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int, level: int | None = None) -> SpatialTransformer:
             heads, head_dim = cfg.heads_for(ch)
             if heads * head_dim != ch:
                 raise ValueError(f"{ch} channels do not split into attention heads as configured ({cfg})")
-            return SpatialTransformer(ch, heads, head_dim, depth, cfg.context_dim, cfg.use_linear_projection)
+            cross_only = level in cfg.cross_only_levels
+            return SpatialTransformer(
+                ch, heads, head_dim, depth, cfg.context_dim, cfg.use_linear_projection, cross_only
+            )
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # SDXL: the pooled text embedding and the embedded size / crop / aesthetic ids (the vector `y`,
         # built by `sdxl_cond.added_vector`) are added to the time embedding.
-        self.label_emb: nn.Sequential | None = None
-        if cfg.adm_in_channels:
+        # The x4 upscaler: the low-res image's noise level, a class of an embedding table, added likewise.
+        self.label_emb: nn.Module | None = None
+        if cfg.num_classes:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        elif cfg.adm_in_channels:
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
@@ -266,7 +284,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
                 ch = mc * mult
                 if cfg.depth_at(level):
-                    layers.append(transformer(ch, cfg.depth_at(level)))
+                    layers.append(transformer(ch, cfg.depth_at(level), level))
                 self.input_blocks.append(TimestepSequential(layers))
                 skip_channels.append(ch)
             if level != last:
@@ -285,7 +303,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
                 if cfg.depth_at(level):
-                    layers.append(transformer(ch, cfg.depth_at(level)))
+                    layers.append(transformer(ch, cfg.depth_at(level), level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepSequential(layers))
@@ -303,16 +321,21 @@ class UNet(nn.Module):
         """x (B, in_channels, h, w), any h and w (upsampling follows the skips' sizes, as diffusers);
         t (B,) float timesteps (one per sample, fractional allowed); context (B, L, context_dim);
         context_mask (B, L) bool, True = a real token, False = padding (every row needs at least one
-        True); y (B, adm_in_channels) SDXL's added vector, one per row. -> (B, out_channels, h, w).
+        True); y (B, adm_in_channels) SDXL's added vector, one per row, or (B,) integer classes (the x4
+        upscaler's noise levels). -> (B, out_channels, h, w).
         """
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         if context_mask is not None and context_mask.dtype != torch.bool:
             raise ValueError("context_mask must be a bool tensor (True = attend)")
         if (y is None) != (self.label_emb is None):
-            raise ValueError("y (the added vector) is needed exactly when the UNet has label_emb (SDXL)")
+            raise ValueError("y is needed exactly when the UNet has label_emb (SDXL, the x4 upscaler)")
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
-        if self.label_emb is not None and y is not None:
+        if self.cfg.num_classes and self.label_emb is not None and y is not None:
+            if y.shape != (x.shape[0],) or y.is_floating_point():
+                raise ValueError(f"y must be ({x.shape[0]},) integer classes, got {tuple(y.shape)} {y.dtype}")
+            emb = emb + self.label_emb(y.to(x.device)).to(emb.dtype)  # (B, 4*mc)
+        elif self.label_emb is not None and y is not None:
             if y.shape != (x.shape[0], self.cfg.adm_in_channels):
                 raise ValueError(
                     f"y must have shape ({x.shape[0]}, {self.cfg.adm_in_channels}), got {tuple(y.shape)}"

@@ -22,7 +22,9 @@ def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
     engines = {}
     for name, path in settings.models.items():
         started = time.perf_counter()
-        engines[name] = Engine.load(path, device=settings.device, dtype=dtype)
+        engines[name] = Engine.load(
+            path, device=settings.device, dtype=dtype, decode_tile=settings.decode_tile
+        )
         log.info("model %s loaded from %s in %.1f s", name, path, time.perf_counter() - started)
     return engines
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10ldm/v1/ldm.proto\x12\x06ldm.v1\"\xe8\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05width\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x14\n\x07sampler\x18\x07 \x01(\tH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\rH\x06\x88\x01\x01\x12\x12\n\x05model\x18\n \x01(\tH\x07\x88\x01\x01\x12\x10\n\x03\x65ta\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x12\n\ninit_image\x18\x0c \x01(\x0c\x12\x15\n\x08strength\x18\r \x01(\x01H\t\x88\x01\x01\x12\x0c\n\x04mask\x18\x0e \x01(\x0c\x12\x1e\n\x05loras\x18\x0f \x03(\x0b\x32\x0f.ldm.v1.LoraRef\x12 \n\x07webhook\x18\x10 \x01(\x0b\x32\x0f.ldm.v1.Webhook\x12#\n\roriginal_size\x18\x11 \x01(\x0b\x32\x0c.ldm.v1.Size\x12,\n\x15\x63rops_coords_top_left\x18\x12 \x01(\x0b\x32\r.ldm.v1.Point\x12!\n\x0btarget_size\x18\x13 \x01(\x0b\x32\x0c.ldm.v1.Size\x12\x1c\n\x0f\x61\x65sthetic_score\x18\x14 \x01(\x01H\n\x88\x01\x01\x12%\n\x18negative_aesthetic_score\x18\x15 \x01(\x01H\x0b\x88\x01\x01\x12 \n\x07refiner\x18\x16 \x01(\x0b\x32\x0f.ldm.v1.RefinerB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\n\n\x08_samplerB\x07\n\x05_seedB\x04\n\x02_nB\x08\n\x06_modelB\x06\n\x04_etaB\x0b\n\t_strengthB\x12\n\x10_aesthetic_scoreB\x1b\n\x19_negative_aesthetic_score\"&\n\x07Webhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\"%\n\x04Size\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\">\n\x07Refiner\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\tswitch_at\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_switch_at\"7\n\x07LoraRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"2\n\x05Image\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"C\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"|\n\rGenerateReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07job_ids\x18\x03 \x03(\t\x12\x1d\n\x06images\x18\x04 \x03(\x0b\x32\r.ldm.v1.Image\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.ldm.v1.Timings\"c\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\r\n\x05total\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"h\n\rGenerateEvent\x12%\n\tjob_event\x18\x01 \x01(\x0b\x32\x10.ldm.v1.JobEventH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.ldm.v1.GenerateReplyH\x00\x42\x07\n\x05\x65vent\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x1b\n\x0equeue_position\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\r\n\x05total\x18\x06 \x01(\r\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x14\n\x07started\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x66inished\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x1d\n\x06result\x18\x0b \x01(\x0b\x32\r.ldm.v1.ImageB\x11\n\x0f_queue_positionB\n\n\x08_startedB\x0b\n\t_finished\"\x13\n\x11ListModelsRequest\"\x89\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x02 \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x15\n\rsize_multiple\x18\x06 \x01(\r\x12\x15\n\rdefault_steps\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x08 \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\t \x01(\t\x12\x10\n\x08samplers\x18\n \x03(\t\x12\x12\n\ninpainting\x18\x0b \x01(\x08\x12\x14\n\x0clive_workers\x18\x0c \x01(\r\x12\x0f\n\x07refiner\x18\r \x01(\x08\"0\n\x0fListModelsReply\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.ldm.v1.Model\"\x12\n\x10ListLorasRequest\"Q\n\x04Lora\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06layers\x18\x05 \x01(\r\"-\n\x0eListLorasReply\x12\x1b\n\x05loras\x18\x01 \x03(\x0b\x32\x0c.ldm.v1.Lora2\xeb\x02\n\x06Images\x12:\n\x08Generate\x12\x17.ldm.v1.GenerateRequest\x1a\x15.ldm.v1.GenerateReply\x12\x42\n\x0eGenerateStream\x12\x17.ldm.v1.GenerateRequest\x1a\x15.ldm.v1.GenerateEvent0\x01\x12,\n\x06GetJob\x12\x15.ldm.v1.GetJobRequest\x1a\x0b.ldm.v1.Job\x12\x32\n\tCancelJob\x12\x18.ldm.v1.CancelJobRequest\x1a\x0b.ldm.v1.Job\x12@\n\nListModels\x12\x19.ldm.v1.ListModelsRequest\x1a\x17.ldm.v1.ListModelsReply\x12=\n\tListLoras\x12\x18.ldm.v1.ListLorasRequest\x1a\x16.ldm.v1.ListLorasReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10ldm/v1/ldm.proto\x12\x06ldm.v1\"\xa1\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05width\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x14\n\x07sampler\x18\x07 \x01(\tH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\rH\x06\x88\x01\x01\x12\x12\n\x05model\x18\n \x01(\tH\x07\x88\x01\x01\x12\x10\n\x03\x65ta\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x12\n\ninit_image\x18\x0c \x01(\x0c\x12\x15\n\x08strength\x18\r \x01(\x01H\t\x88\x01\x01\x12\x0c\n\x04mask\x18\x0e \x01(\x0c\x12\x1e\n\x05loras\x18\x0f \x03(\x0b\x32\x0f.ldm.v1.LoraRef\x12 \n\x07webhook\x18\x10 \x01(\x0b\x32\x0f.ldm.v1.Webhook\x12#\n\roriginal_size\x18\x11 \x01(\x0b\x32\x0c.ldm.v1.Size\x12,\n\x15\x63rops_coords_top_left\x18\x12 \x01(\x0b\x32\r.ldm.v1.Point\x12!\n\x0btarget_size\x18\x13 \x01(\x0b\x32\x0c.ldm.v1.Size\x12\x1c\n\x0f\x61\x65sthetic_score\x18\x14 \x01(\x01H\n\x88\x01\x01\x12%\n\x18negative_aesthetic_score\x18\x15 \x01(\x01H\x0b\x88\x01\x01\x12 \n\x07refiner\x18\x16 \x01(\x0b\x32\x0f.ldm.v1.Refiner\x12\r\n\x05image\x18\x17 \x01(\x0c\x12\x18\n\x0bnoise_level\x18\x18 \x01(\rH\x0c\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\n\n\x08_samplerB\x07\n\x05_seedB\x04\n\x02_nB\x08\n\x06_modelB\x06\n\x04_etaB\x0b\n\t_strengthB\x12\n\x10_aesthetic_scoreB\x1b\n\x19_negative_aesthetic_scoreB\x0e\n\x0c_noise_level\"&\n\x07Webhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\"%\n\x04Size\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\">\n\x07Refiner\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\tswitch_at\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_switch_at\"7\n\x07LoraRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"2\n\x05Image\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"C\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"|\n\rGenerateReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07job_ids\x18\x03 \x03(\t\x12\x1d\n\x06images\x18\x04 \x03(\x0b\x32\r.ldm.v1.Image\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.ldm.v1.Timings\"c\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\r\n\x05total\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"h\n\rGenerateEvent\x12%\n\tjob_event\x18\x01 \x01(\x0b\x32\x10.ldm.v1.JobEventH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.ldm.v1.GenerateReplyH\x00\x42\x07\n\x05\x65vent\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x1b\n\x0equeue_position\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\r\n\x05total\x18\x06 \x01(\r\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x14\n\x07started\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x66inished\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x1d\n\x06result\x18\x0b \x01(\x0b\x32\r.ldm.v1.ImageB\x11\n\x0f_queue_positionB\n\n\x08_startedB\x0b\n\t_finished\"\x13\n\x11ListModelsRequest\"\x97\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x02 \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x15\n\rsize_multiple\x18\x06 \x01(\r\x12\x15\n\rdefault_steps\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x08 \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\t \x01(\t\x12\x10\n\x08samplers\x18\n \x03(\t\x12\x12\n\ninpainting\x18\x0b \x01(\x08\x12\x14\n\x0clive_workers\x18\x0c \x01(\r\x12\x0f\n\x07refiner\x18\r \x01(\x08\x12\x0c\n\x04task\x18\x0e \x01(\t\"0\n\x0fListModelsReply\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.ldm.v1.Model\"\x12\n\x10ListLorasRequest\"Q\n\x04Lora\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06layers\x18\x05 \x01(\r\"-\n\x0eListLorasReply\x12\x1b\n\x05loras\x18\x01 \x03(\x0b\x32\x0c.ldm.v1.Lora2\xeb\x02\n\x06Images\x12:\n\x08Generate\x12\x17.ldm.v1.GenerateRequest\x1a\x15.ldm.v1.GenerateReply\x12\x42\n\x0eGenerateStream\x12\x17.ldm.v1.GenerateRequest\x1a\x15.ldm.v1.GenerateEvent0\x01\x12,\n\x06GetJob\x12\x15.ldm.v1.GetJobRequest\x1a\x0b.ldm.v1.Job\x12\x32\n\tCancelJob\x12\x18.ldm.v1.CancelJobRequest\x1a\x0b.ldm.v1.Job\x12@\n\nListModels\x12\x19.ldm.v1.ListModelsRequest\x1a\x17.ldm.v1.ListModelsReply\x12=\n\tListLoras\x12\x18.ldm.v1.ListLorasRequest\x1a\x16.ldm.v1.ListLorasReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,45 +32,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ldm.v1.ldm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=29
-  _globals['_GENERATEREQUEST']._serialized_end=773
-  _globals['_WEBHOOK']._serialized_start=775
-  _globals['_WEBHOOK']._serialized_end=813
-  _globals['_SIZE']._serialized_start=815
-  _globals['_SIZE']._serialized_end=852
-  _globals['_POINT']._serialized_start=854
-  _globals['_POINT']._serialized_end=883
-  _globals['_REFINER']._serialized_start=885
-  _globals['_REFINER']._serialized_end=947
-  _globals['_LORAREF']._serialized_start=949
-  _globals['_LORAREF']._serialized_end=1004
-  _globals['_IMAGE']._serialized_start=1006
-  _globals['_IMAGE']._serialized_end=1056
-  _globals['_TIMINGS']._serialized_start=1058
-  _globals['_TIMINGS']._serialized_end=1125
-  _globals['_GENERATEREPLY']._serialized_start=1127
-  _globals['_GENERATEREPLY']._serialized_end=1251
-  _globals['_JOBEVENT']._serialized_start=1253
-  _globals['_JOBEVENT']._serialized_end=1352
-  _globals['_GENERATEEVENT']._serialized_start=1354
-  _globals['_GENERATEEVENT']._serialized_end=1458
-  _globals['_GETJOBREQUEST']._serialized_start=1460
-  _globals['_GETJOBREQUEST']._serialized_end=1487
-  _globals['_CANCELJOBREQUEST']._serialized_start=1489
-  _globals['_CANCELJOBREQUEST']._serialized_end=1519
-  _globals['_JOB']._serialized_start=1522
-  _globals['_JOB']._serialized_end=1780
-  _globals['_LISTMODELSREQUEST']._serialized_start=1782
-  _globals['_LISTMODELSREQUEST']._serialized_end=1801
-  _globals['_MODEL']._serialized_start=1804
-  _globals['_MODEL']._serialized_end=2069
-  _globals['_LISTMODELSREPLY']._serialized_start=2071
-  _globals['_LISTMODELSREPLY']._serialized_end=2119
-  _globals['_LISTLORASREQUEST']._serialized_start=2121
-  _globals['_LISTLORASREQUEST']._serialized_end=2139
-  _globals['_LORA']._serialized_start=2141
-  _globals['_LORA']._serialized_end=2222
-  _globals['_LISTLORASREPLY']._serialized_start=2224
-  _globals['_LISTLORASREPLY']._serialized_end=2269
-  _globals['_IMAGES']._serialized_start=2272
-  _globals['_IMAGES']._serialized_end=2635
+  _globals['_GENERATEREQUEST']._serialized_end=830
+  _globals['_WEBHOOK']._serialized_start=832
+  _globals['_WEBHOOK']._serialized_end=870
+  _globals['_SIZE']._serialized_start=872
+  _globals['_SIZE']._serialized_end=909
+  _globals['_POINT']._serialized_start=911
+  _globals['_POINT']._serialized_end=940
+  _globals['_REFINER']._serialized_start=942
+  _globals['_REFINER']._serialized_end=1004
+  _globals['_LORAREF']._serialized_start=1006
+  _globals['_LORAREF']._serialized_end=1061
+  _globals['_IMAGE']._serialized_start=1063
+  _globals['_IMAGE']._serialized_end=1113
+  _globals['_TIMINGS']._serialized_start=1115
+  _globals['_TIMINGS']._serialized_end=1182
+  _globals['_GENERATEREPLY']._serialized_start=1184
+  _globals['_GENERATEREPLY']._serialized_end=1308
+  _globals['_JOBEVENT']._serialized_start=1310
+  _globals['_JOBEVENT']._serialized_end=1409
+  _globals['_GENERATEEVENT']._serialized_start=1411
+  _globals['_GENERATEEVENT']._serialized_end=1515
+  _globals['_GETJOBREQUEST']._serialized_start=1517
+  _globals['_GETJOBREQUEST']._serialized_end=1544
+  _globals['_CANCELJOBREQUEST']._serialized_start=1546
+  _globals['_CANCELJOBREQUEST']._serialized_end=1576
+  _globals['_JOB']._serialized_start=1579
+  _globals['_JOB']._serialized_end=1837
+  _globals['_LISTMODELSREQUEST']._serialized_start=1839
+  _globals['_LISTMODELSREQUEST']._serialized_end=1858
+  _globals['_MODEL']._serialized_start=1861
+  _globals['_MODEL']._serialized_end=2140
+  _globals['_LISTMODELSREPLY']._serialized_start=2142
+  _globals['_LISTMODELSREPLY']._serialized_end=2190
+  _globals['_LISTLORASREQUEST']._serialized_start=2192
+  _globals['_LISTLORASREQUEST']._serialized_end=2210
+  _globals['_LORA']._serialized_start=2212
+  _globals['_LORA']._serialized_end=2293
+  _globals['_LISTLORASREPLY']._serialized_start=2295
+  _globals['_LISTLORASREPLY']._serialized_end=2340
+  _globals['_IMAGES']._serialized_start=2343
+  _globals['_IMAGES']._serialized_end=2706
 # @@protoc_insertion_point(module_scope)

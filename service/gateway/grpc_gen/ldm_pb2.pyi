@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "n", "model", "eta", "init_image", "strength", "mask", "loras", "webhook", "original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "refiner")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "n", "model", "eta", "init_image", "strength", "mask", "loras", "webhook", "original_size", "crops_coords_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score", "refiner", "image", "noise_level")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class GenerateRequest(_message.Message):
     AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
     REFINER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -52,7 +54,9 @@ class GenerateRequest(_message.Message):
     aesthetic_score: float
     negative_aesthetic_score: float
     refiner: Refiner
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., model: _Optional[str] = ..., eta: _Optional[float] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask: _Optional[bytes] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ..., original_size: _Optional[_Union[Size, _Mapping]] = ..., crops_coords_top_left: _Optional[_Union[Point, _Mapping]] = ..., target_size: _Optional[_Union[Size, _Mapping]] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ...) -> None: ...
+    image: bytes
+    noise_level: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., model: _Optional[str] = ..., eta: _Optional[float] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask: _Optional[bytes] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., webhook: _Optional[_Union[Webhook, _Mapping]] = ..., original_size: _Optional[_Union[Size, _Mapping]] = ..., crops_coords_top_left: _Optional[_Union[Point, _Mapping]] = ..., target_size: _Optional[_Union[Size, _Mapping]] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ..., refiner: _Optional[_Union[Refiner, _Mapping]] = ..., image: _Optional[bytes] = ..., noise_level: _Optional[int] = ...) -> None: ...
 
 class Webhook(_message.Message):
     __slots__ = ("url", "events")
@@ -195,7 +199,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "default", "family", "width", "height", "size_multiple", "default_steps", "default_guidance_scale", "default_sampler", "samplers", "inpainting", "live_workers", "refiner")
+    __slots__ = ("name", "default", "family", "width", "height", "size_multiple", "default_steps", "default_guidance_scale", "default_sampler", "samplers", "inpainting", "live_workers", "refiner", "task")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +213,7 @@ class Model(_message.Message):
     INPAINTING_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     REFINER_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     default: bool
     family: str
@@ -222,7 +227,8 @@ class Model(_message.Message):
     inpainting: bool
     live_workers: int
     refiner: bool
-    def __init__(self, name: _Optional[str] = ..., default: _Optional[bool] = ..., family: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., samplers: _Optional[_Iterable[str]] = ..., inpainting: _Optional[bool] = ..., live_workers: _Optional[int] = ..., refiner: _Optional[bool] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., default: _Optional[bool] = ..., family: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., samplers: _Optional[_Iterable[str]] = ..., inpainting: _Optional[bool] = ..., live_workers: _Optional[int] = ..., refiner: _Optional[bool] = ..., task: _Optional[str] = ...) -> None: ...
 
 class ListModelsReply(_message.Message):
     __slots__ = ("models",)

@@ -37,7 +37,8 @@ const editor = new MaskEditor(
 
 async function loadModels() {
   try {
-    models = (await api.models()).models;
+    // The page draws and redraws images; upscalers (task "upscale") are served at /v1/upscale.
+    models = (await api.models()).models.filter((m) => m.task !== "upscale");
   } catch (error) {
     showApiError(error);
     return;
