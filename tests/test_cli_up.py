@@ -103,8 +103,6 @@ def test_up_serves_restarts_a_dead_worker_and_stops_cleanly(
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
-    if bundled_upscaler().is_dir():
-        upscaled_better_than_bicubic(url)
 
     os.kill(first, signal.SIGKILL)  # a crash: `ldm up` restarts the worker after its backoff
     second = wait_for(lambda: [pid for pid in worker_pids(client) if pid != first], 60, "a restarted worker")
@@ -123,6 +121,38 @@ def test_up_serves_restarts_a_dead_worker_and_stops_cleanly(
     assert "worker 0 exited with code -9; restarting" in log and "stopped" in log
 
 
+@pytest.mark.skipif(not bundled_upscaler().is_dir(), reason="the demo upscaler is not in models/")
+def test_up_serves_the_bundled_models_with_the_demo_upscaler(tmp_path: Path, env: dict[str, str]) -> None:
+    """`ldm up` with no --model: the demo model and the demo upscaler, as a new user starts it."""
+    ports = {"http": free_port(), "grpc": free_port(), "redis": free_port()}
+    process = ldm("up", "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+                  "--redis-port", str(ports["redis"]), "--metrics-port", "0",
+                  "--data-dir", str(tmp_path / "redis"), env=env)  # fmt: skip
+    url = f"http://127.0.0.1:{ports['http']}"
+    try:
+        wait_for(lambda: process.poll() is None and _ready(url), 30, "the gateway")
+        models = {m["name"]: m for m in httpx.get(f"{url}/v1/models", timeout=5).json()["models"]}
+        assert (models["shapes-x4"]["family"], models["shapes-x4"]["task"]) == ("upscale-x4", "upscale")
+        assert models["shapes"]["default"] and models["shapes"]["task"] == "txt2img"
+        upscaled_better_than_bicubic(url)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        if process.stdout is not None:
+            print(process.stdout.read()[-5000:])  # shown when the test fails
+            process.stdout.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def upscaled_better_than_bicubic(url: str) -> None:
     """POST /v1/upscale (the first upscaler served: the bundled shapes-x4) an 8x8 PNG of a held-out
     32x32 shape: the 32x32 answer is closer to the original than bicubic upscaling."""
@@ -134,11 +164,12 @@ def upscaled_better_than_bicubic(url: str) -> None:
     from service.demo import shapes
     from service.demo.upscaler import HIGH, bicubic, downsample
 
-    original = shapes.make_sample(shapes.EVAL_SEEDS.start + 7, HIGH).image  # (32, 32, 3)
+    sample = shapes.make_sample(shapes.EVAL_SEEDS.start + 7, HIGH)
+    original = sample.image  # (32, 32, 3)
     small = downsample(original[None])[0]
     buffer = io.BytesIO()
     Image.fromarray(small).save(buffer, format="PNG")
-    body = {"prompt": "a shape", "image": base64.b64encode(buffer.getvalue()).decode(), "seed": 1}
+    body = {"prompt": sample.caption, "image": base64.b64encode(buffer.getvalue()).decode(), "seed": 1}
     reply = httpx.post(f"{url}/v1/upscale", json=body, headers={"Accept": "image/png"}, timeout=120)
     assert reply.status_code == 200, reply.text
     image = np.asarray(Image.open(io.BytesIO(reply.content)).convert("RGB"), dtype=np.float64)
