@@ -29,7 +29,7 @@ from ..queue import keys
 from ..queue.scripts import SCRIPTS
 from ..queue.states import TERMINAL, JobState, JobStatus, Webhook
 from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, job_state, text, unavailable
-from .errors import QueueFull, Unavailable
+from .errors import QueueFull, Unavailable, WaitInterrupted
 
 T = TypeVar("T")
 REDIS_ERRORS = UNAVAILABLE_ERRORS
@@ -91,8 +91,6 @@ class JobService:
                 self.store.replicated(
                     await self.client.wait(self.store.min_replicas, self.store.replica_wait_ms)
                 )
-            await self._remember(owner, job_ids)
-            return job_ids
         except BacklogFull as e:
             raise self._full(model, e.backlog) from None
         except redis.RedisError as e:
@@ -103,6 +101,17 @@ class JobService:
             raise Unavailable(
                 f"the job queue is unavailable: {e}", call.job_ids, self.retry_after_s
             ) from None
+        try:
+            await self._remember(owner, job_ids)
+        except redis.RedisError as e:
+            if not unavailable(e):
+                raise
+            raise WaitInterrupted(  # the jobs were accepted and go on: a blind retry would run them twice
+                f"the job queue became unavailable after the jobs were accepted ({e}); they go on:"
+                f" follow /v1/jobs/{job_ids[0]}",
+                job_ids,
+            ) from None
+        return job_ids
 
     async def _remember(self, owner: str, job_ids: list[str]) -> None:
         """Adds the jobs to the owner's set; entries older than a job's records are dropped with them."""
