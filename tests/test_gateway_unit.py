@@ -18,7 +18,7 @@ from service.gateway.errors import Unauthenticated
 from service.ldm.request import SAMPLERS, GenerationRequest, RequestError, plan
 from service.ldm.samplers import make_sampler
 from service.ldm.schedule import DiscreteSchedule
-from service.paths import REPO_ROOT
+from service.paths import REPO_ROOT, bundled_upscaler
 from service.settings import gateway_settings, worker_settings
 
 from .gateway_env import write_tiny_own_model
@@ -90,7 +90,8 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="model name"):
         gateway_settings()
     monkeypatch.delenv("LDM_MODELS")
-    assert list(gateway_settings().models) == ["shapes"]
+    shipped = ["shapes", "shapes-x4"] if bundled_upscaler().is_dir() else ["shapes"]
+    assert list(gateway_settings().models) == shipped  # the demo model and, when shipped, its upscaler
 
 
 def test_api_keys() -> None:
