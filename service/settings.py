@@ -58,6 +58,13 @@ class QueueSettings(BaseSettings):
     max_backlog: int = Field(
         1000, ge=0, description="queued plus running jobs per model before enqueue refuses"
     )
+    max_backlog_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="bytes of job specs and input images per model (jobs queued or running) before enqueue "
+        "refuses with 503; a third of a 192 MB Redis maxmemory, leaving room for results and events. A "
+        "request alone always fits",
+    )
     idempotency_ttl_s: int = Field(
         24 * 3600, ge=1, description="how long an Idempotency-Key keeps answering with the same jobs"
     )

@@ -27,6 +27,7 @@ from .errors import (
     JobExpired,
     JobFailed,
     NotFound,
+    QueueBytesFull,
     QueueFull,
     Unauthenticated,
     Unavailable,
@@ -44,6 +45,7 @@ REJECTION_REASONS: dict[type[GatewayError], str] = {
     NotFound: "unknown_model",
     UnknownLora: "unknown_lora",
     QueueFull: "queue_full",
+    QueueBytesFull: "queue_bytes_full",
     Unauthenticated: "unauthenticated",
 }
 
@@ -131,7 +133,7 @@ class Gateway:
             if request.refiner is not None:
                 await self._check_refiner(info, request.refiner)
             job_ids = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
-        except (InvalidField, NotFound, UnknownLora, QueueFull) as e:
+        except (InvalidField, NotFound, UnknownLora, QueueFull, QueueBytesFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
         self.metrics.submitted.labels(name).inc(len(job_ids))

@@ -28,8 +28,16 @@ from ..ldm.request import GenerationRequest
 from ..queue import keys
 from ..queue.scripts import SCRIPTS
 from ..queue.states import TERMINAL, JobState, JobStatus, Webhook
-from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, job_state, text, unavailable
-from .errors import QueueFull, Unavailable
+from ..queue.store import (
+    UNAVAILABLE_ERRORS,
+    BacklogBytesFull,
+    BacklogFull,
+    JobStore,
+    job_state,
+    text,
+    unavailable,
+)
+from .errors import QueueBytesFull, QueueFull, Unavailable
 
 T = TypeVar("T")
 REDIS_ERRORS = UNAVAILABLE_ERRORS
@@ -81,7 +89,8 @@ class JobService:
         webhook: Webhook | None = None,
     ) -> list[str]:
         """Enqueues all the requests or none, in one atomic script call on the asyncio client (no
-        thread: a burst of refusals costs one round trip each); 429 when the backlog has no room."""
+        thread: a burst of refusals costs one round trip each); 429 when the backlog has no room for
+        its jobs, 503 when it has none for their bytes."""
         call = self.store.enqueue_call(
             model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
         )
@@ -95,6 +104,8 @@ class JobService:
             return job_ids
         except BacklogFull as e:
             raise self._full(model, e.backlog) from None
+        except BacklogBytesFull as e:
+            raise QueueBytesFull(f"{e}; retry later", self.retry_after_s) from None
         except redis.RedisError as e:
             if not unavailable(e):
                 raise
