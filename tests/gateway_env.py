@@ -46,6 +46,11 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 

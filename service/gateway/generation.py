@@ -115,6 +115,8 @@ class Gateway:
         received = time.monotonic()
         name = self.catalog.default if model is None else model
         try:
+            if not idempotency_key:  # a retry may be one that was accepted: the script answers its ids
+                self.jobs.admission.check(name)  # a refusal that stands: nothing parsed or planned
             info = self.catalog.get(name)
             if info is None:
                 raise NotFound(f"model {name!r} is not served here; see /v1/models")

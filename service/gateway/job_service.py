@@ -37,6 +37,7 @@ from ..queue.store import (
     text,
     unavailable,
 )
+from .admission import Admission
 from .errors import QueueBytesFull, QueueFull, Unavailable
 
 T = TypeVar("T")
@@ -67,6 +68,7 @@ class JobService:
         self.client = client
         self.retry_after_s = retry_after_s
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
+        self.admission = Admission()  # refusals that stand for a moment (admission.py)
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:
@@ -95,17 +97,27 @@ class JobService:
             model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
         )
         try:
-            job_ids = call.result(await self._enqueue(keys=call.keys, args=call.args))
+            reply = await self._enqueue(keys=call.keys, args=call.args)
+            job_ids = call.result(reply)
             if self.store.min_replicas:  # an answered job survives the loss of the primary
                 self.store.replicated(
                     await self.client.wait(self.store.min_replicas, self.store.replica_wait_ms)
                 )
+            backlog = call.backlog_after(reply)
+            if backlog is not None and backlog >= call.max_backlog:  # full now: the next ones are refused
+                self.admission.refused(model, self._full(model, backlog))
+            else:
+                self.admission.admitted(model)
             await self._remember(owner, job_ids)
             return job_ids
-        except BacklogFull as e:
-            raise self._full(model, e.backlog) from None
-        except BacklogBytesFull as e:
-            raise QueueBytesFull(f"{e}; retry later", self.retry_after_s) from None
+        except (BacklogFull, BacklogBytesFull) as e:
+            error = (
+                self._full(model, e.backlog)
+                if isinstance(e, BacklogFull)
+                else QueueBytesFull(f"{e}; retry later", self.retry_after_s)
+            )
+            self.admission.refused(model, error)
+            raise error from None
         except redis.RedisError as e:
             if not unavailable(e):
                 raise
@@ -133,7 +145,9 @@ class JobService:
         )
 
     async def cancel(self, job_id: str) -> JobStatus | None:
-        return await self._run(self.store.cancel, job_id)
+        status = await self._run(self.store.cancel, job_id)
+        self.admission.clear()  # room again, maybe: the next request asks the script
+        return status
 
     # -- reads ------------------------------------------------------------------------------------
 

@@ -121,7 +121,7 @@ def _first_validation_error(e: RequestValidationError) -> tuple[str | None, str]
     return field, f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}"
 
 
-def get_signer(request: Request) -> UrlSigner:
+async def get_signer(request: Request) -> UrlSigner:
     signer: UrlSigner = request.app.state.url_signer
     return signer
 

@@ -122,7 +122,7 @@ redis.call('INCRBY', KEYS[3], total)
 if KEYS[2] ~= '' then
   redis.call('SET', KEYS[2], table.concat(ids, ','), 'EX', ARGV[7])
 end
-return {'ok', table.concat(ids, ',')}
+return {'ok', table.concat(ids, ','), tostring(backlog + n)}
 """
 
 # The model's byte count made exact again: the bytes of the jobs in its stream, summed. What settles

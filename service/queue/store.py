@@ -78,10 +78,11 @@ class EnqueueCall:
     keys: list[str]
     args: list[Any]
     max_bytes: int = 0
+    max_backlog: int = 0
 
     def result(self, reply: Any) -> list[str]:
         """The job ids from the script's reply (those of the first call, for a replayed one)."""
-        outcome, detail = (text(part) for part in reply)
+        outcome, detail = text(reply[0]), text(reply[1])
         if outcome == "full":
             raise BacklogFull(self.model, int(detail))
         if outcome == "full_bytes":
@@ -89,6 +90,11 @@ class EnqueueCall:
         if outcome == "exists" and detail:  # the idempotency key's first call
             return detail.split(",")
         return self.job_ids
+
+    @staticmethod
+    def backlog_after(reply: Any) -> int | None:
+        """The backlog once an accepted request's jobs went in (None: not known, e.g. a replay)."""
+        return int(text(reply[2])) if len(reply) > 2 and text(reply[0]) == "ok" else None
 
 
 def backlog(client: redis.Redis, model: str) -> int:
@@ -217,7 +223,7 @@ class JobStore:
         for job_id, spec in zip(job_ids, specs, strict=True):
             script_keys += [keys.job(job_id), keys.events(job_id)]
             args += [job_id, spec]
-        return EnqueueCall(model, job_ids, script_keys, args, self.max_backlog_bytes)
+        return EnqueueCall(model, job_ids, script_keys, args, self.max_backlog_bytes, self.max_backlog)
 
     def get(self, job_id: str) -> JobState | None:
         return job_state(self.redis.hgetall(keys.job(job_id)))
