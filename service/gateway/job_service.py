@@ -107,7 +107,7 @@ class JobService:
             if backlog is not None and backlog >= call.max_backlog:  # full now: the next ones are refused
                 self.admission.refused(model, self._full(model, backlog))
             else:
-                self.admission.admitted(model)
+                self.admission.admitted(model, call.max_backlog - backlog if backlog is not None else 0)
             await self._remember(owner, job_ids)
             return job_ids
         except (BacklogFull, BacklogBytesFull) as e:
