@@ -58,6 +58,13 @@ class QueueSettings(BaseSettings):
     max_backlog: int = Field(
         1000, ge=0, description="queued plus running jobs per model before enqueue refuses"
     )
+    max_backlog_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="bytes of job specs and input images per model (jobs queued or running) before enqueue "
+        "refuses with 503; a third of a 192 MB Redis maxmemory, leaving room for results and events. A "
+        "request alone always fits",
+    )
     idempotency_ttl_s: int = Field(
         24 * 3600, ge=1, description="how long an Idempotency-Key keeps answering with the same jobs"
     )
@@ -253,6 +260,11 @@ class GatewaySettings(QueueSettings):
         16 * 1024 * 1024, ge=1024, description="largest request body; bigger ones get 413 unread"
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 429 (queue full)")
+    access_log: bool = Field(
+        False,
+        description="log every HTTP request (uvicorn's access log, at INFO); off: /metrics counts them by "
+        "route and status, and a burst of refusals costs no log line each",
+    )
     expiry_sweep_s: float = Field(
         2.0, gt=0, description="how often queued jobs past their deadline are expired (one gateway at a time)"
     )

@@ -31,8 +31,14 @@ class GatewayProcess:
     """`python -m service.cli.main gateway`, its log in a file."""
 
     def __init__(
-        self, redis_url: str, models: dict[str, Path], folder: Path, env: dict[str, str] | None = None
+        self,
+        redis_url: str,
+        models: dict[str, Path],
+        folder: Path,
+        env: dict[str, str] | None = None,
+        root: Path = REPO_ROOT,
     ) -> None:
+        self.root = root  # the checkout it runs from (a baseline's, for benchmarks)
         self.redis_url = redis_url
         self.models = models
         self.http_port = free_port()
@@ -46,6 +52,11 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
@@ -55,10 +66,10 @@ class GatewayProcess:
         for name, path in self.models.items():
             args += ["--model", f"{name}={path}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LDM_")}
-        env |= {"PYTHONPATH": str(REPO_ROOT), **self.env}
+        env |= {"PYTHONPATH": str(self.root), **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                args, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT
             )
 
         def ready() -> bool:

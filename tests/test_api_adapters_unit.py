@@ -68,12 +68,16 @@ def test_uploads_over_the_pixel_limit_are_refused_from_their_header() -> None:
         uploads.open_image(big, "image", max_pixels=300 * 200 - 1)
     assert caught.value.field == "image" and "300x200" in caught.value.message
     # Headers claiming more pixels than the data holds: refused before any decoding (a decode would fail).
-    for side in (6000, 60000):  # under Pillow's own bound, and over it
+    for side in (6000, 13000, 60000):  # under Pillow's own bounds, between them (its warning), over them
         lying = bytearray(big)
         lying[16:24] = side.to_bytes(4, "big") * 2  # IHDR width and height, then its CRC
         lying[29:33] = zlib.crc32(lying[12:29]).to_bytes(4, "big")
         with pytest.raises(RequestError, match="must have at most 1048576 pixels"):
             uploads.open_image(bytes(lying), "image", max_pixels=1 << 20)
+        for as_mask in (uploads.alpha_mask_png, uploads.grey_mask_png):  # a bomb as the mask, likewise
+            with pytest.raises(RequestError, match="must have at most 1048576 pixels") as caught:
+                as_mask(bytes(lying), "mask", 1 << 20)
+            assert caught.value.field == "mask"
     for junk in (b"", b"GIF89a....", b"\x89PNG\r\n\x1a\n"):
         with pytest.raises(RequestError):
             uploads.open_image(junk, "image", max_pixels=1 << 20)

@@ -24,6 +24,7 @@ from ..queue.connection import async_client_for
 from ..queue.store import JobStore
 from ..settings import GatewaySettings, gateway_settings
 from . import a1111_api, openai_api, routes_images, routes_jobs, routes_meta
+from .admission import FastRefusal
 from .catalog import Catalog
 from .errors import GatewayError, InvalidField
 from .generation import Gateway
@@ -86,6 +87,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             gateway.jobs.store.redis.close()
 
     app = FastAPI(title="ldm-service gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.add_middleware(FastRefusal)  # inside the body bound: it peeks at small bodies only
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the 413s too
     app.add_exception_handler(GatewayError, _gateway_error)

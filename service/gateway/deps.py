@@ -30,7 +30,9 @@ basic = DeclaredBasic(
 )
 
 
-def get_gateway(request: Request) -> Gateway:
+# Dependencies are `async def`: FastAPI runs a plain `def` one on a worker thread, a hand-off that costs
+# more than the work (and adds up under a burst of requests).
+async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
@@ -38,7 +40,7 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def caller(
+async def caller(
     request: Request,
     gateway: GatewayDep,
     _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -47,7 +49,7 @@ def caller(
     return gateway.authenticate(request.headers.get("authorization"))
 
 
-def basic_caller(
+async def basic_caller(
     request: Request,
     gateway: GatewayDep,
     _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],

@@ -65,6 +65,22 @@ class QueueFull(GatewayError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class QueueBytesFull(GatewayError):
+    """The model's backlog holds its bound of bytes (LDM_MAX_BACKLOG_BYTES): the queue's memory, not the
+    caller's rate, is what is short, so 503 (gRPC RESOURCE_EXHAUSTED), with Retry-After."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class WaitTimeout(GatewayError):
     """The request's wait ran out; the jobs go on and can be followed by id."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from .errors import (
     JobExpired,
     JobFailed,
     NotFound,
+    QueueBytesFull,
     QueueFull,
     Unauthenticated,
     Unavailable,
@@ -44,6 +46,7 @@ REJECTION_REASONS: dict[type[GatewayError], str] = {
     NotFound: "unknown_model",
     UnknownLora: "unknown_lora",
     QueueFull: "queue_full",
+    QueueBytesFull: "queue_bytes_full",
     Unauthenticated: "unauthenticated",
 }
 
@@ -113,25 +116,29 @@ class Gateway:
         received = time.monotonic()
         name = self.catalog.default if model is None else model
         try:
-            info = self.catalog.get(name)
-            if info is None:
-                raise NotFound(f"model {name!r} is not served here; see /v1/models")
-            try:
-                requests = plan(request, n, info.config, self.settings.limits())
-            except RequestError as e:
-                raise InvalidField(e.field, e.message) from None
-            if request.loras:
-                self.loras.check(request.loras, info)
-            if webhook is not None:
-                if not self.settings.webhook_secret.get_secret_value():
-                    raise InvalidField(
-                        "webhook", "webhooks are off here (no LDM_WEBHOOK_SECRET to sign them)"
-                    )
-                await check_url(webhook.url, self.settings.webhook_allow)
-            if request.refiner is not None:
-                await self._check_refiner(info, request.refiner)
-            job_ids = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
-        except (InvalidField, NotFound, UnknownLora, QueueFull) as e:
+            # A refusal that stands answers before anything is planned (the request's jobs count as on
+            # their way to the script until it answers); a retry with an idempotency key may be of one
+            # that was accepted: the script answers it its ids.
+            with nullcontext() if idempotency_key else self.jobs.admission.reserve(name, n):
+                info = self.catalog.get(name)
+                if info is None:
+                    raise NotFound(f"model {name!r} is not served here; see /v1/models")
+                try:
+                    requests = plan(request, n, info.config, self.settings.limits())
+                except RequestError as e:
+                    raise InvalidField(e.field, e.message) from None
+                if request.loras:
+                    self.loras.check(request.loras, info)
+                if webhook is not None:
+                    if not self.settings.webhook_secret.get_secret_value():
+                        raise InvalidField(
+                            "webhook", "webhooks are off here (no LDM_WEBHOOK_SECRET to sign them)"
+                        )
+                    await check_url(webhook.url, self.settings.webhook_allow)
+                if request.refiner is not None:
+                    await self._check_refiner(info, request.refiner)
+                job_ids = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
+        except (InvalidField, NotFound, UnknownLora, QueueFull, QueueBytesFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
         self.metrics.submitted.labels(name).inc(len(job_ids))

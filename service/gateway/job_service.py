@@ -28,8 +28,17 @@ from ..ldm.request import GenerationRequest
 from ..queue import keys
 from ..queue.scripts import SCRIPTS
 from ..queue.states import TERMINAL, JobState, JobStatus, Webhook
-from ..queue.store import UNAVAILABLE_ERRORS, BacklogFull, JobStore, job_state, text, unavailable
-from .errors import QueueFull, Unavailable, WaitInterrupted
+from ..queue.store import (
+    UNAVAILABLE_ERRORS,
+    BacklogBytesFull,
+    BacklogFull,
+    JobStore,
+    job_state,
+    text,
+    unavailable,
+)
+from .admission import Admission
+from .errors import QueueBytesFull, QueueFull, Unavailable, WaitInterrupted
 
 T = TypeVar("T")
 REDIS_ERRORS = UNAVAILABLE_ERRORS
@@ -59,6 +68,7 @@ class JobService:
         self.client = client
         self.retry_after_s = retry_after_s
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
+        self.admission = Admission()  # refusals that stand for a moment (admission.py)
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         try:
@@ -81,18 +91,31 @@ class JobService:
         webhook: Webhook | None = None,
     ) -> list[str]:
         """Enqueues all the requests or none, in one atomic script call on the asyncio client (no
-        thread: a burst of refusals costs one round trip each); 429 when the backlog has no room."""
+        thread: a burst of refusals costs one round trip each); 429 when the backlog has no room for
+        its jobs, 503 when it has none for their bytes."""
         call = self.store.enqueue_call(
             model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
         )
         try:
-            job_ids = call.result(await self._enqueue(keys=call.keys, args=call.args))
+            reply = await self._enqueue(keys=call.keys, args=call.args)
+            job_ids = call.result(reply)
             if self.store.min_replicas:  # an answered job survives the loss of the primary
                 self.store.replicated(
                     await self.client.wait(self.store.min_replicas, self.store.replica_wait_ms)
                 )
-        except BacklogFull as e:
-            raise self._full(model, e.backlog) from None
+            backlog = call.backlog_after(reply)
+            if backlog is not None and backlog >= call.max_backlog:  # full now: the next ones are refused
+                self.admission.refused(model, self._full(model, backlog))
+            else:
+                self.admission.admitted(model, call.max_backlog - backlog if backlog is not None else 0)
+        except (BacklogFull, BacklogBytesFull) as e:
+            error = (
+                self._full(model, e.backlog)
+                if isinstance(e, BacklogFull)
+                else QueueBytesFull(f"{e}; retry later", self.retry_after_s)
+            )
+            self.admission.refused(model, error)
+            raise error from None
         except redis.RedisError as e:
             if not unavailable(e):
                 raise
@@ -131,7 +154,9 @@ class JobService:
         )
 
     async def cancel(self, job_id: str) -> JobStatus | None:
-        return await self._run(self.store.cancel, job_id)
+        status = await self._run(self.store.cancel, job_id)
+        self.admission.clear()  # room again, maybe: the next request asks the script
+        return status
 
     # -- reads ------------------------------------------------------------------------------------
 

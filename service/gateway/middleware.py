@@ -101,5 +101,5 @@ class RequestMetrics:
 
 def _route(scope: Scope) -> str:
     route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = getattr(route, "path", None) or scope.get("ldm_route")  # refused before routing: its path
     return str(path) if path else "unmatched"

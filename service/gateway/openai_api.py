@@ -32,6 +32,7 @@ from .errors import (
     JobExpired,
     JobFailed,
     NotFound,
+    QueueBytesFull,
     QueueFull,
     Unauthenticated,
     WaitTimeout,
@@ -68,6 +69,7 @@ CODES: dict[type[GatewayError], str] = {
     Unauthenticated: "invalid_api_key",
     NotFound: "not_found",
     QueueFull: "rate_limit_exceeded",
+    QueueBytesFull: "server_overloaded",
     WaitTimeout: "timeout",
     JobCancelled: "cancelled",
     JobExpired: "expired",
@@ -119,7 +121,7 @@ def _first_validation_error(e: RequestValidationError) -> tuple[str | None, str]
     return field, f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}"
 
 
-def get_signer(request: Request) -> UrlSigner:
+async def get_signer(request: Request) -> UrlSigner:
     signer: UrlSigner = request.app.state.url_signer
     return signer
 

@@ -21,6 +21,7 @@ def serve(settings: GatewaySettings) -> int:
         port=settings.http_port,
         loop="asyncio",  # grpc.aio runs on the plain asyncio loop
         log_config=None,  # the `ldm` command's logging
+        access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_S,
     )
     server = uvicorn.Server(config)

@@ -1,6 +1,7 @@
 """Overdue queued jobs reach `expired` even when no worker serves their model: one gateway at a time
 (a lock in Redis) looks through each model's stream every `expiry_sweep_s` and expires the jobs whose
-deadline passed before any worker started them, which ends their event streams too."""
+deadline passed before any worker started them, which ends their event streams too. The same pass
+makes each model's byte count (`LDM_MAX_BACKLOG_BYTES`) exact again."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def _sweep(store: JobStore, catalog: Catalog, holder: str, lock_ms: int) -> None
     if not store.sweep_lock(holder, lock_ms):
         return
     for model in catalog.names():
+        store.recount(model)  # exact again, whatever older scripts or expired hashes left in the count
         expired = store.expire_overdue(model)
         if expired:
             log.info(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 
 from PIL import Image, ImageOps
 
@@ -33,7 +34,9 @@ def decode_base64(value: str, field: str) -> bytes:
 def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """The decoded image; refused unread when its header says it has more than `max_pixels` pixels."""
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+        with warnings.catch_warnings():  # Pillow's bomb warning: the bound below is the one that holds
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except Image.DecompressionBombError:
         raise RequestError(field, f"must have at most {max_pixels} pixels") from None
     except (OSError, ValueError, SyntaxError):

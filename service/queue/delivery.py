@@ -12,13 +12,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from redis.client import Pipeline
 
 from . import keys
+from .inputs import decode_inputs
 from .scripts import SCRIPTS
 from .states import JobStatus
 from .store import text
@@ -52,6 +53,8 @@ class Lease:
     created: float
     deadline: float
     started: bool = False  # an earlier attempt had started it: its queueing deadline no longer applies
+    # The input images its request's jobs share (`inputs.py`), by field; empty for a spec that holds its own.
+    inputs: dict[str, bytes] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     def keys(self) -> list[str]:
         return [keys.jobs(self.model), keys.job(self.job_id), keys.events(self.job_id)]
@@ -164,7 +167,7 @@ class WorkerQueue:
             if outcome != "claimed":
                 out.append(Claimed(e, outcome, detail=text(reply[1]) if len(reply) > 1 else ""))
                 continue
-            attempt, deliveries, spec, created, deadline, started = (text(v) for v in reply[1:])
+            attempt, deliveries, spec, created, deadline, started = (text(v) for v in reply[1:7])
             lease = Lease(
                 e.model,
                 e.entry,
@@ -175,6 +178,7 @@ class WorkerQueue:
                 float(created),
                 float(deadline),
                 started=bool(started),
+                inputs=decode_inputs(reply[7:]),
             )
             out.append(Claimed(e, outcome, lease))
         return out

@@ -5,6 +5,8 @@
 | `ldm:jobs:<model>` | stream | jobs queued or held by a worker (field `job`); consumer group `workers` |
 | `ldm:job:<id>` | hash | spec (JSON), owner, status, timestamps, attempt, deadline, progress, error |
 | `ldm:result:<id>` | string | the PNG, stored once, with a TTL |
+| `ldm:input:<id>` | hash | an n-image request's input images, once for its jobs (`refs`: those not ended) |
+| `ldm:backlog-bytes:<model>` | string | bytes of the specs and inputs of the model's jobs not ended |
 | `ldm:preview:<id>:<i>` | string | preview i of a job (PNG of its x0 estimate), with a TTL |
 | `ldm:events:<id>` | stream | progress and status events of one job, with a TTL (late readers replay it) |
 | `ldm:dead:<model>` | stream | dead-lettered jobs (field `job`, `reason`, `attempts`) |
@@ -43,6 +45,18 @@ def job(job_id: str) -> str:
 
 def result(job_id: str) -> str:
     return f"{PREFIX}:result:{job_id}"
+
+
+def inputs(request_id: str) -> str:
+    """The input images an n-image request's jobs share (`request_id`: its first job's id)."""
+    return f"{PREFIX}:input:{request_id}"
+
+
+def backlog_bytes(model: str) -> str:
+    return f"{PREFIX}:backlog-bytes:{model}"
+
+
+BACKLOG_BYTES_PREFIX = backlog_bytes("")
 
 
 def preview(job_id: str, index: int) -> str:

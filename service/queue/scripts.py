@@ -16,6 +16,8 @@ from . import keys
 # ",succeeded,failed,"): written in the same atomic step as the event, so none is lost or doubled.
 _PRELUDE = f"""
 local WEBHOOKS = '{keys.WEBHOOKS}'
+local BYTES = '{keys.BACKLOG_BYTES_PREFIX}'
+local JOB = '{keys.job("")}'
 local function notify(job, kind, time)
   local wanted = redis.call('HGET', job, 'webhook_events')
   if wanted and string.find(wanted, ',' .. kind .. ',', 1, true) then
@@ -26,9 +28,30 @@ end
 """
 _PRELUDE += """
 local TERMINAL = {succeeded = true, failed = true, cancelled = true, expired = true}
-local function release(stream, group, entry)
+-- A job that has ended gives back its bytes (the model's count loses them once: the `bytes` field
+-- goes with them) and its hold on its request's shared inputs (the last job to end deletes them).
+local function settle(job)
+  local size, model, inputs = unpack(redis.call('HMGET', job, 'bytes', 'model', 'inputs'))
+  if size then
+    redis.call('HDEL', job, 'bytes')
+    if redis.call('DECRBY', BYTES .. model, size) <= 0 then redis.call('DEL', BYTES .. model) end
+  end
+  if inputs then
+    redis.call('HDEL', job, 'inputs')
+    if redis.call('HINCRBY', inputs, 'refs', -1) <= 0 then redis.call('DEL', inputs) end
+  end
+end
+-- Every job that leaves the stream has ended (or is gone): settling it again changes nothing.
+local function release(stream, group, entry, job)
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
+  settle(job)
+end
+-- The shared inputs of a job (field, value, ...), for the worker that claims it.
+local function inputs_of(job)
+  local key = redis.call('HGET', job, 'inputs')
+  if not key then return {} end
+  return redis.call('HGETALL', key)
 end
 local function event(key, ttl, ...)
   redis.call('XADD', key, 'MAXLEN', '~', 1000, '*', ...)
@@ -36,31 +59,58 @@ local function event(key, ttl, ...)
 end
 """
 
-# All the jobs of one request, or none. KEYS: stream, idempotency key, then job and events of each job.
-# ARGV: model, owner, now, deadline, max backlog, ttl, idempotency ttl, webhook (JSON or ''), its
-# events (",succeeded,failed," or ''), then job id and spec of each.
+# All the jobs of one request, or none. KEYS: stream, idempotency key, byte count, shared inputs (or
+# ''), then job and events of each job. ARGV: model, owner, now, deadline, max backlog, ttl, idempotency
+# ttl, webhook (JSON or ''), its events (",succeeded,failed," or ''), max backlog bytes, k, then k
+# (field, image) pairs of the shared inputs, then job id and spec of each job.
 # An idempotency key that is already there answers the job ids it recorded, and nothing is added; so
 # does a first job id that exists already (a retried call).
+#
+# Bytes: each job counts its spec and its share of the shared inputs (stored once, however many jobs
+# read them), in its hash (`bytes`) and in the model's count, until it ends (`settle`). A request that
+# would pass the bound is refused, unless nothing is counted: a lone request always fits.
 ENQUEUE = """
-local n = (#ARGV - 9) / 2
+local k = tonumber(ARGV[11])
+local base = 11 + 2 * k
+local n = (#ARGV - base) / 2
 if KEYS[2] ~= '' then
   local known = redis.call('GET', KEYS[2])
   if known then return {'exists', known} end
 end
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if redis.call('EXISTS', KEYS[5]) == 1 then
   return {'exists', ''}
 end
 local backlog = redis.call('XLEN', KEYS[1])
 if backlog + n > tonumber(ARGV[5]) then
   return {'full', tostring(backlog)}
 end
+local shared = 0
+for i = 1, k do shared = shared + #ARGV[11 + 2 * i] end
+local sizes, total = {}, 0
+for i = 1, n do
+  sizes[i] = #ARGV[base + 2 * i] + math.floor(shared / n) + (i == 1 and shared % n or 0)
+  total = total + sizes[i]
+end
+local held = tonumber(redis.call('GET', KEYS[3]) or '0')
+if held > 0 and held + total > tonumber(ARGV[10]) then
+  return {'full_bytes', tostring(held)}
+end
+if k > 0 then
+  local fields = {}
+  for i = 1, 2 * k do fields[i] = ARGV[11 + i] end
+  redis.call('HSET', KEYS[4], 'refs', n, unpack(fields))
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+end
 local ids = {}
 for i = 1, n do
-  local id, spec, job, events = ARGV[8 + 2 * i], ARGV[9 + 2 * i], KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local id, spec, job, events = ARGV[base - 1 + 2 * i], ARGV[base + 2 * i], KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local entry = redis.call('XADD', KEYS[1], '*', 'job', id)
   redis.call('HSET', job, 'id', id, 'model', ARGV[1], 'owner', ARGV[2], 'spec', spec,
     'status', 'queued', 'created', ARGV[3], 'deadline', ARGV[4], 'entry', entry,
-    'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0)
+    'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0, 'bytes', sizes[i])
+  if k > 0 then
+    redis.call('HSET', job, 'inputs', KEYS[4])
+  end
   if ARGV[8] ~= '' then
     redis.call('HSET', job, 'webhook', ARGV[8], 'webhook_events', ARGV[9])
   end
@@ -68,10 +118,30 @@ for i = 1, n do
   event(events, ARGV[6], 'type', 'queued', 'time', ARGV[3])
   table.insert(ids, id)
 end
+redis.call('INCRBY', KEYS[3], total)
 if KEYS[2] ~= '' then
   redis.call('SET', KEYS[2], table.concat(ids, ','), 'EX', ARGV[7])
 end
-return {'ok', table.concat(ids, ',')}
+return {'ok', table.concat(ids, ','), tostring(backlog + n)}
+"""
+
+# The model's byte count made exact again: the bytes of the jobs in its stream, summed. What settles
+# jobs is the protocol's own scripts; jobs ended by an older release's scripts, or whose hash expired
+# in the stream, are counted out here (the sweeper runs it). KEYS: stream, byte count.
+RECOUNT = """
+local total = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'job' then
+      local job = JOB .. fields[i + 1]
+      local size, status = unpack(redis.call('HMGET', job, 'bytes', 'status'))
+      if size and not TERMINAL[status] then total = total + tonumber(size) end
+    end
+  end
+end
+if total > 0 then redis.call('SET', KEYS[2], total) else redis.call('DEL', KEYS[2]) end
+return total
 """
 
 # KEYS: stream, job, events. ARGV: group, now, ttl.
@@ -83,6 +153,7 @@ redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished', ARGV[2], 'error',
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 event(KEYS[3], ARGV[3], 'type', 'cancelled', 'time', ARGV[2])
 notify(KEYS[2], 'cancelled', ARGV[2])
+settle(KEYS[2])
 -- A queued job leaves the stream now; a running one at its worker's next step boundary.
 if status == 'queued' then redis.call('XDEL', KEYS[1], entry) end
 return 'ok'
@@ -96,14 +167,14 @@ return 'ok'
 # loop, not a crash), and a claim retried after a lost reply (same token) returns the same attempt.
 CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return {'missing'}
 end
 local status, attempt, handed, spec, created, deadline, started, holder, token = unpack(redis.call(
   'HMGET', KEYS[2], 'status', 'attempt', 'handed_back', 'spec', 'created', 'deadline', 'started',
   'worker', 'claim'))
 if TERMINAL[status] then
-  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return {'terminal', status}
 end
 if not spec then
@@ -113,7 +184,7 @@ if not spec then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   event(KEYS[3], ARGV[6], 'type', 'failed', 'error', reason, 'time', ARGV[5])
   notify(KEYS[2], 'failed', ARGV[5])
-  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return {'dead', reason}
 end
 -- Fields a partial hash may lack take their defaults: no attempt yet, no deadline.
@@ -123,7 +194,8 @@ created = created or ARGV[5]
 deadline = deadline or 'inf'
 started = started or ''
 if token == ARGV[9] and holder == ARGV[3] then  -- this very claim, retried
-  return {'claimed', tostring(attempt), tostring(attempt - handed), spec, created, deadline, started}
+  return {'claimed', tostring(attempt), tostring(attempt - handed), spec, created, deadline, started,
+    unpack(inputs_of(KEYS[2]))}
 end
 if attempt > 0 and holder and holder ~= ARGV[3] and redis.call('EXISTS', ARGV[10] .. holder) == 1 then
   handed = handed + 1  -- its holder is alive: not a delivery that may have killed a worker
@@ -138,12 +210,13 @@ if deliveries >= tonumber(ARGV[4]) then
     'reason', reason, 'attempts', attempt, 'time', ARGV[5])
   event(KEYS[3], ARGV[6], 'type', 'failed', 'error', reason, 'time', ARGV[5])
   notify(KEYS[2], 'failed', ARGV[5])
-  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return {'dead', reason}
 end
 attempt = attempt + 1
 redis.call('HSET', KEYS[2], 'attempt', attempt, 'worker', ARGV[3], 'claim', ARGV[9], 'status', 'queued')
-return {'claimed', tostring(attempt), tostring(deliveries + 1), spec, created, deadline, started}
+return {'claimed', tostring(attempt), tostring(deliveries + 1), spec, created, deadline, started,
+  unpack(inputs_of(KEYS[2]))}
 """
 
 # KEYS: stream, job, events. ARGV: group, entry, attempt, now, ttl.
@@ -151,12 +224,15 @@ START = """
 local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
 if attempt ~= ARGV[3] then return 'stale' end
 if TERMINAL[status] then
-  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return status
 end
 redis.call('HSET', KEYS[2], 'status', 'running', 'started', ARGV[4], 'step', 0)
--- A running job outlives its queueing deadline: its hash lives at least the result TTL from now.
+-- A running job outlives its queueing deadline: its hash (and its inputs, which a worker that takes
+-- it over reads again) lives at least the result TTL from now.
 redis.call('EXPIRE', KEYS[2], ARGV[5], 'GT')
+local inputs = redis.call('HGET', KEYS[2], 'inputs')
+if inputs then redis.call('EXPIRE', inputs, ARGV[5], 'GT') end
 event(KEYS[3], ARGV[5], 'type', 'running', 'attempt', ARGV[3], 'time', ARGV[4])
 notify(KEYS[2], 'started', ARGV[4])
 return 'running'
@@ -167,7 +243,7 @@ PROGRESS = """
 local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
 if attempt ~= ARGV[3] then return 'stale' end
 if status ~= 'running' then
-  if TERMINAL[status] then release(KEYS[1], ARGV[1], ARGV[2]) end
+  if TERMINAL[status] then release(KEYS[1], ARGV[1], ARGV[2], KEYS[2]) end
   return status
 end
 redis.call('HSET', KEYS[2], 'step', ARGV[4], 'steps', ARGV[5])
@@ -182,7 +258,7 @@ FINISH = """
 local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
 if attempt ~= ARGV[3] then return 'stale' end
 if TERMINAL[status] then
-  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return status
 end
 if ARGV[8] ~= '' then
@@ -197,7 +273,7 @@ else
   event(KEYS[3], ARGV[7], 'type', ARGV[4], 'time', ARGV[6])
 end
 notify(KEYS[2], ARGV[4], ARGV[6])
-release(KEYS[1], ARGV[1], ARGV[2])
+release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
 return 'ok'
 """
 
@@ -206,7 +282,7 @@ HAND_BACK = """
 local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
 if attempt ~= ARGV[4] then return 'stale' end
 if TERMINAL[status] then
-  release(KEYS[1], ARGV[1], ARGV[3])
+  release(KEYS[1], ARGV[1], ARGV[3], KEYS[2])
   return status
 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'step', 0)
@@ -256,7 +332,7 @@ redis.call('HSET', KEYS[2], 'status', 'expired', 'finished', ARGV[3], 'error', r
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 event(KEYS[3], ARGV[4], 'type', 'expired', 'error', reason, 'time', ARGV[3])
 notify(KEYS[2], 'expired', ARGV[3])
-release(KEYS[1], ARGV[1], ARGV[2])
+release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
 return 'expired'
 """
 
@@ -264,6 +340,7 @@ SCRIPTS = {
     name: _PRELUDE + body
     for name, body in {
         "enqueue": ENQUEUE,
+        "recount": RECOUNT,
         "cancel": CANCEL,
         "claim": CLAIM,
         "start": START,

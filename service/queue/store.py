@@ -14,6 +14,7 @@ import redis
 from ..ldm.request import GenerationRequest
 from . import keys
 from .connection import UNAVAILABLE_ERRORS, NotReplicated, client_for, connect, unavailable
+from .inputs import decode_inputs, request_from, shared_specs
 from .scripts import SCRIPTS
 from .states import JobState, JobStatus, Webhook
 
@@ -21,7 +22,16 @@ if TYPE_CHECKING:
     from ..settings import QueueSettings
 
 log = logging.getLogger(__name__)
-__all__ = ["UNAVAILABLE_ERRORS", "BacklogFull", "JobStore", "backlog", "connect", "text", "unavailable"]
+__all__ = [
+    "UNAVAILABLE_ERRORS",
+    "BacklogBytesFull",
+    "BacklogFull",
+    "JobStore",
+    "backlog",
+    "connect",
+    "text",
+    "unavailable",
+]
 
 
 class BacklogFull(Exception):
@@ -31,6 +41,20 @@ class BacklogFull(Exception):
         super().__init__(f"the queue of model {model!r} is full ({backlog} jobs waiting or running)")
         self.model = model
         self.backlog = backlog
+
+
+class BacklogBytesFull(Exception):
+    """The model's backlog holds its bound of bytes (specs and input images of jobs not ended):
+    refuse (HTTP 503 / RESOURCE_EXHAUSTED), retry later."""
+
+    def __init__(self, model: str, held: int, bound: int) -> None:
+        super().__init__(
+            f"the queue of model {model!r} holds {held} bytes of jobs not ended, its bound "
+            f"(LDM_MAX_BACKLOG_BYTES = {bound})"
+        )
+        self.model = model
+        self.held = held
+        self.bound = bound
 
 
 def job_state(fields: Any) -> JobState | None:
@@ -53,15 +77,24 @@ class EnqueueCall:
     job_ids: list[str]
     keys: list[str]
     args: list[Any]
+    max_bytes: int = 0
+    max_backlog: int = 0
 
     def result(self, reply: Any) -> list[str]:
         """The job ids from the script's reply (those of the first call, for a replayed one)."""
-        outcome, detail = (text(part) for part in reply)
+        outcome, detail = text(reply[0]), text(reply[1])
         if outcome == "full":
             raise BacklogFull(self.model, int(detail))
+        if outcome == "full_bytes":
+            raise BacklogBytesFull(self.model, int(detail), self.max_bytes)
         if outcome == "exists" and detail:  # the idempotency key's first call
             return detail.split(",")
         return self.job_ids
+
+    @staticmethod
+    def backlog_after(reply: Any) -> int | None:
+        """The backlog once an accepted request's jobs went in (None: not known, e.g. a replay)."""
+        return int(text(reply[2])) if len(reply) > 2 and text(reply[0]) == "ok" else None
 
 
 def backlog(client: redis.Redis, model: str) -> int:
@@ -76,6 +109,7 @@ class JobStore:
         *,
         result_ttl_s: int = 3600,
         max_backlog: int = 1000,
+        max_backlog_bytes: int = 64 * 1024 * 1024,
         job_timeout_s: float = 600,
         idempotency_ttl_s: int = 24 * 3600,
         min_replicas: int = 0,
@@ -84,6 +118,7 @@ class JobStore:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.job_timeout_s = job_timeout_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.min_replicas = min_replicas
@@ -91,6 +126,7 @@ class JobStore:
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
         self._cancel = client.register_script(SCRIPTS["cancel"])
         self._expire = client.register_script(SCRIPTS["expire"])
+        self._recount = client.register_script(SCRIPTS["recount"])
 
     @classmethod
     def from_settings(cls, settings: QueueSettings) -> JobStore:
@@ -98,6 +134,7 @@ class JobStore:
             client_for(settings),
             result_ttl_s=settings.result_ttl_s,
             max_backlog=settings.max_backlog,
+            max_backlog_bytes=settings.max_backlog_bytes,
             job_timeout_s=settings.job_timeout_s,
             idempotency_ttl_s=settings.idempotency_ttl_s,
             min_replicas=settings.redis_min_replicas,
@@ -129,7 +166,8 @@ class JobStore:
         webhook: Webhook | None = None,
     ) -> list[str]:
         """Adds one job per request to the model's stream and creates their hashes, all or none, in one
-        atomic step that first checks the backlog (BacklogFull); returns the job ids. Each request
+        atomic step that first checks the backlog, in jobs (BacklogFull) and in bytes (BacklogBytesFull);
+        returns the job ids. Input images shared by the jobs are stored once (`inputs.py`). Each request
         carries its seed (`request.plan` drew it), so every attempt draws the same image.
 
         Retrying is safe: with the same `job_ids`, or the same `idempotency_key` (per owner, kept
@@ -172,21 +210,32 @@ class JobStore:
             raise ValueError("timeout_s must be positive")
         now = time.time()
         ttl = int(timeout + self.result_ttl_s) + 1
-        script_keys = [keys.jobs(model), keys.idempotency(owner, idempotency_key) if idempotency_key else ""]
+        specs, shared = shared_specs(requests)
+        script_keys = [
+            keys.jobs(model),
+            keys.idempotency(owner, idempotency_key) if idempotency_key else "",
+            keys.backlog_bytes(model),
+            keys.inputs(job_ids[0]) if shared else "",
+        ]
         args: list[Any] = [model, owner, now, now + timeout, self.max_backlog, ttl, self.idempotency_ttl_s]
         args += [webhook.model_dump_json(), webhook.events_field()] if webhook else ["", ""]
-        for job_id, request in zip(job_ids, requests, strict=True):
+        args += [self.max_backlog_bytes, len(shared), *(item for pair in shared.items() for item in pair)]
+        for job_id, spec in zip(job_ids, specs, strict=True):
             script_keys += [keys.job(job_id), keys.events(job_id)]
-            args += [job_id, request.to_json()]
-        return EnqueueCall(model, job_ids, script_keys, args)
+            args += [job_id, spec]
+        return EnqueueCall(model, job_ids, script_keys, args, self.max_backlog_bytes, self.max_backlog)
 
     def get(self, job_id: str) -> JobState | None:
         return job_state(self.redis.hgetall(keys.job(job_id)))
 
     def request(self, job_id: str) -> GenerationRequest | None:
-        """What the job draws (its spec)."""
-        raw = self.redis.hget(keys.job(job_id), "spec")
-        return None if raw is None else GenerationRequest.from_json(raw)
+        """What the job draws (its spec, with its shared inputs while they are kept: they go when the
+        last of its request's jobs ends)."""
+        raw, inputs_key = cast(Any, self.redis.hmget(keys.job(job_id), "spec", "inputs"))
+        if raw is None:
+            return None
+        shared = decode_inputs(cast(Any, self.redis.hgetall(text(inputs_key)))) if inputs_key else {}
+        return request_from(raw, shared, lenient=True)
 
     def result(self, job_id: str) -> bytes | None:
         """The PNG of a succeeded job, until its TTL runs out."""
@@ -225,6 +274,14 @@ class JobStore:
 
     def backlog(self, model: str) -> int:
         return backlog(self.redis, model)
+
+    def backlog_bytes(self, model: str) -> int:
+        """Bytes of the specs and inputs of the model's jobs not ended (what LDM_MAX_BACKLOG_BYTES bounds)."""
+        return int(cast(Any, self.redis.get(keys.backlog_bytes(model))) or 0)
+
+    def recount(self, model: str) -> int:
+        """Makes the model's byte count exact (the sum over the jobs in its stream); returns it."""
+        return int(self._recount(keys=[keys.jobs(model), keys.backlog_bytes(model)]))
 
     def sweep_lock(self, holder: str, lock_ms: int) -> bool:
         """Takes (or keeps) the lock of the one sweeper; False while another holds it."""

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 
 from ..ldm.engine import Engine
-from ..ldm.request import GenerationRequest
 from ..queue.delivery import Entry, Lease, WorkerQueue
+from ..queue.inputs import request_from
 from ..queue.states import JobStatus
 from .adapters import Adapters
 from .ledger import Job, Ledger, Outcome
@@ -82,7 +82,7 @@ class Intake:
         """Resolves the request against the model; an invalid one fails here, alone."""
         engine = self.engines[lease.model]
         try:
-            request = engine.resolve(GenerationRequest.from_json(lease.spec_json))
+            request = engine.resolve(request_from(lease.spec_json, lease.inputs))
         except Exception as e:  # a bad spec, an unreadable image, anything the model refuses
             job = Job(lease, None)
             self.ledger.hold(job)
