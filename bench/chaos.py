@@ -1,6 +1,6 @@
 """Faults at scale: N jobs through real processes while workers and Redis are killed under them.
 
-    .venv/bin/python -m bench.chaos                      # 1000 jobs, 3 workers, a fault every ~6 s
+    .venv/bin/python -m bench.chaos               # 1000 jobs, 6 a second, 3 workers, a fault every ~6 s
     .venv/bin/python -m bench.chaos --sentinel           # primary + replica + 3 Sentinels; primary kills
     .venv/bin/python -m bench.chaos --jobs 40 --workers 2 --faults worker-kill,redis-kill
 
@@ -63,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--duration", type=float, default=1800, help="cap on the submitting, s (default: %(default)s)"
     )
-    p.add_argument("--rate", type=float, default=0, help="most jobs submitted a second (default: no cap)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=6.0,
+        help="most jobs submitted a second, so that the faults fall among them (default: %(default)s; "
+        "0: as fast as the clients go)",
+    )
     p.add_argument(
         "--settle", type=float, default=180, help="cap on the wait for the last jobs, s (%(default)s)"
     )
@@ -118,6 +124,12 @@ class FaultThread(threading.Thread):
 
     def inject(self, kind: str) -> Fault:
         worker = self.rng.randrange(len(self.cluster.workers))
+        if kind.startswith("worker-"):  # one that holds jobs, when one does within a second or two
+            for _ in range(20):
+                if busy := self.cluster.busy_workers():
+                    worker = self.rng.choice(busy)
+                    break
+                time.sleep(0.1)
         if kind == "worker-kill":
             return self.cluster.kill_worker(worker, down_s=self.rng.uniform(0.2, 2.0))
         if kind == "worker-stop":

@@ -52,7 +52,8 @@ def plans(jobs: int, rng: random.Random, poison: int) -> list[Plan]:
     (n = 1) a prompt that breaks every step it is in (test faults), which must fail, and nothing else."""
     init = _init_image()
     out: list[Plan] = []
-    poisoned = set(rng.sample(range(max(1, jobs // 2)), min(poison, max(1, jobs // 2))))
+    first = max(1, jobs // 4)  # requests average 2.5 jobs: there are more requests than this
+    poisoned = set(rng.sample(range(first), min(poison, first)))
     left = jobs
     while left > 0:
         i = len(out)

@@ -4,11 +4,12 @@ with the demo model. Every fault is a signal to a real process: SIGKILL, SIGSTOP
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -21,6 +22,7 @@ from tests.workers import WorkerProcess, wait_for
 
 MODEL = "shapes"
 MASTER = "ldm"
+SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")  # as deploy/k8s/overlays/prod-ha/redis.conf
 
 
 @dataclass
@@ -51,10 +53,12 @@ class Cluster:
 
     def start(self) -> None:
         primary = self.redis[0]
+        if self.sentinel:  # a returning replica syncs at once (the default waits 5 s for others)
+            primary.extra += SYNC_AT_ONCE
         primary.start()
         if self.sentinel:
             replica = RedisServer(
-                self.folder / "replica", extra=("--replicaof", "127.0.0.1", str(primary.port))
+                self.folder / "replica", extra=("--replicaof", "127.0.0.1", str(primary.port), *SYNC_AT_ONCE)
             )
             replica.start()
             self.redis.append(replica)
@@ -146,13 +150,15 @@ class Cluster:
 
     def kill_primary(self) -> Fault:
         """SIGKILL the primary Sentinel names; wait for the failover, then start the old primary again
-        from its files (the sentinels make it a replica of the new one)."""
+        from its files as a replica of the new one (as deploy/k8s/overlays/prod-ha's start-redis.sh
+        does: asked, the Sentinels name the new primary)."""
         port = self._master_port()
         server = next(s for s in self.redis if s.port == port)
         fault = Fault("primary-kill", f"redis:{port}", time.time())
         server.kill()
         wait_for(lambda: self._master_port() not in (None, port), 60, "Sentinel to fail over", every_s=0.05)
         fault.notes["failed over"] = time.time() - fault.start
+        server.extra = ["--replicaof", "127.0.0.1", str(self._master_port()), *SYNC_AT_ONCE]
         server.start(timeout_s=60)
         wait_for(lambda: _link_up(server), 60, "the old primary to rejoin as a replica", every_s=0.1)
         fault.end = time.time()
@@ -183,6 +189,16 @@ class Cluster:
             finally:
                 client.close()
         return True
+
+    def busy_workers(self) -> list[int]:
+        """The workers whose last heartbeat said they held jobs."""
+        try:
+            client = self.client()
+            beats = client.mget([keys.worker(w.name) for w in self.workers])
+            client.close()
+        except redis.RedisError:
+            return []
+        return [i for i, beat in enumerate(cast(list[Any], beats)) if beat and json.loads(beat).get("held")]
 
     def all_up(self) -> bool:
         """Every worker's heartbeat is live and Redis answers."""
