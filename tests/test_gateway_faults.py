@@ -148,3 +148,27 @@ def test_the_gateway_is_back_as_soon_as_redis_is(stack: tuple[RedisServer, Gatew
     server.kill()  # ends the waits (their streams fail)
     for thread in waits:
         thread.join(timeout=30)
+
+
+def test_an_event_stream_ends_cleanly_when_redis_goes(stack: tuple[RedisServer, GatewayProcess]) -> None:
+    """The SSE headers are sent: when Redis goes away the stream ends as a stream (a comment and
+    `retry:`, so EventSource reconnects with Last-Event-ID), not as a broken chunked body with an
+    ASGI error in the gateway's log; resumed after Redis is back, it goes on from the last event."""
+    server, gateway = stack
+    reply = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, headers={"Prefer": "respond-async"})
+    job_id = reply.json()["id"]
+    lines: list[str] = []
+    with httpx.stream("GET", f"{gateway.url}/v1/jobs/{job_id}/events", timeout=30) as events:
+        for line in events.iter_lines():  # raises on a broken body
+            lines.append(line)
+            if line.startswith("event: queued"):
+                server.kill()
+    assert "retry: 1000" in lines and any("the job goes on" in line for line in lines), lines
+    last = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")][-1]
+    server.start()
+    httpx.delete(f"{gateway.url}/v1/jobs/{job_id}")
+    headers = {"Last-Event-ID": last}
+    with httpx.stream("GET", f"{gateway.url}/v1/jobs/{job_id}/events", headers=headers, timeout=30) as events:
+        types = [line.removeprefix("event: ") for line in events.iter_lines() if line.startswith("event:")]
+    assert types == ["cancelled"]
+    assert "Exception in ASGI application" not in gateway.log()
