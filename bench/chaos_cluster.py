@@ -16,6 +16,7 @@ import redis
 from service.paths import bundled_model
 from service.queue import keys
 from service.queue.connection import connect
+from service.queue.store import text
 from tests.gateway_env import GatewayProcess
 from tests.redis_server import RedisServer, SentinelServer
 from tests.workers import WorkerProcess, wait_for
@@ -123,7 +124,7 @@ class Cluster:
         worker.stop()  # SIGKILL
         time.sleep(down_s)
         worker.start()
-        worker.wait_ready(self.client(), timeout_s=120)
+        self.wait_started(worker)
         fault.end = time.time()
         return fault
 
@@ -191,14 +192,33 @@ class Cluster:
         return True
 
     def busy_workers(self) -> list[int]:
-        """The workers whose last heartbeat said they held jobs."""
+        """The workers holding deliveries now (the consumer group's pending entries, per consumer)."""
         try:
             client = self.client()
-            beats = client.mget([keys.worker(w.name) for w in self.workers])
+            pending: Any = client.xpending(keys.jobs(MODEL), keys.GROUP)
             client.close()
         except redis.RedisError:
             return []
-        return [i for i, beat in enumerate(cast(list[Any], beats)) if beat and json.loads(beat).get("held")]
+        held = {text(c["name"]) for c in pending.get("consumers", []) if int(c["pending"]) > 0}
+        return [i for i, w in enumerate(self.workers) if w.name in held]
+
+    def wait_started(self, worker: WorkerProcess) -> None:
+        """Until the heartbeat is the new process's (the killed one's lives on for its TTL)."""
+        assert worker.process is not None
+        pid = worker.process.pid
+
+        def beating() -> bool:
+            if not worker.alive:
+                raise RuntimeError(f"worker {worker.name} exited:\n{worker.log()[-2000:]}")
+            try:
+                client = self.client()
+                beat = client.get(keys.worker(worker.name))
+                client.close()
+            except redis.RedisError:
+                return False
+            return bool(beat) and json.loads(cast(bytes, beat)).get("pid") == pid
+
+        wait_for(beating, 120, f"worker {worker.name} to start")
 
     def all_up(self) -> bool:
         """Every worker's heartbeat is live and Redis answers."""
