@@ -19,7 +19,7 @@ import yaml
 from service.paths import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
-OVERLAYS = ("dev-cpu", "prod-gpu")
+OVERLAYS = ("dev-cpu", "prod-gpu", "prod-ha")  # prod-ha: prod-gpu with Redis Sentinel
 
 
 def load_yaml(path: Path) -> Any:

@@ -366,7 +366,7 @@ def test_worker_pods_probe_drain_and_ask_for_a_gpu_in_production(
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "model loading takes time"
     gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
-    if overlay == "prod-gpu":
+    if overlay.startswith("prod"):
         assert gpus == 1 and env["LDM_DEVICE"] == "cuda" and container["image"].endswith(":cuda")
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     else:
@@ -462,7 +462,7 @@ def test_selectors_find_their_pods_and_ports(rendered: tuple[str, list[dict[str,
 def test_only_the_gateway_the_workers_and_keda_reach_redis(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
-    _, objects = rendered
+    overlay, objects = rendered
     redis_pods = one(objects, "StatefulSet", "ldm-redis")["spec"]["template"]["metadata"]["labels"]
     policies = [
         o for o in objects if o["kind"] == "NetworkPolicy" and matches(o["spec"]["podSelector"], redis_pods)
@@ -473,9 +473,16 @@ def test_only_the_gateway_the_workers_and_keda_reach_redis(
     in_namespace = [p["podSelector"] for p in peers if "namespaceSelector" not in p]
     gateway = one(objects, "Deployment", "ldm-gateway")["spec"]["template"]["metadata"]["labels"]
     worker = one(objects, "Deployment", "ldm-worker")["spec"]["template"]["metadata"]["labels"]
-    assert len(in_namespace) == 2
     assert any(matches(s, gateway) for s in in_namespace) and any(matches(s, worker) for s in in_namespace)
-    assert not any(matches(s, redis_pods) for s in in_namespace)
+    sentinels = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "ldm-sentinel"]
+    if sentinels:  # under Sentinel: also the replica (replication) and the Sentinels
+        sentinel_pods = sentinels[0]["spec"]["template"]["metadata"]["labels"]
+        assert len(in_namespace) == 4, overlay
+        assert any(matches(s, redis_pods) for s in in_namespace)
+        assert any(matches(s, sentinel_pods) for s in in_namespace)
+    else:
+        assert len(in_namespace) == 2, overlay
+        assert not any(matches(s, redis_pods) for s in in_namespace)
     (keda,) = [p for p in peers if "namespaceSelector" in p]
     assert keda["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
@@ -485,13 +492,24 @@ def test_redis_keeps_an_append_only_file_on_a_volume(rendered: tuple[str, list[d
     _, objects = rendered
     redis = one(objects, "StatefulSet", "ldm-redis")
     (container,) = redis["spec"]["template"]["spec"]["containers"]
-    args = container["args"]
+    args = redis_options(objects, container["args"])
     assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "always", "no acknowledged write is lost with the node"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction", "jobs are never evicted"
     data = args[args.index("--dir") + 1]
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == data
+
+
+def redis_options(objects: list[dict[str, Any]], args: list[str]) -> list[str]:
+    """redis-server's options as `--name value`: its arguments, or (started by a script, under
+    Sentinel) the redis.conf of the ConfigMap ldm-redis-ha."""
+    if "redis-server" in args:
+        return args
+    conf = named(objects, "ConfigMap", "ldm-redis-ha")["data"]["redis.conf"]
+    lines = [line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#")]
+    return [item for name, value in lines for item in (f"--{name}", value.strip('"'))]
 
 
 def test_prometheus_rule_is_the_compose_alerts_file() -> None:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..ldm.request import MAX_PREVIEWS
 from ..queue.states import JobState, JobStatus
 from .deps import Caller, GatewayDep
+from .errors import Unavailable
 from .generation import Gateway, Image
 from .job_service import Event
 from .schemas import ErrorPublic, ImagePublic, JobPublic, ProgressPublic, WebhookPublic
@@ -84,7 +85,8 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
 ) -> StreamingResponse:
     """Server-sent events, replayed from the start: `queued`, `started`, `progress` (step, total), then
-    `succeeded`, `failed`, `cancelled` or `expired`, after which the stream ends."""
+    `succeeded`, `failed`, `cancelled` or `expired`, after which the stream ends. If the job queue goes
+    away meanwhile the stream ends early with a `retry:` field: reconnect with Last-Event-ID."""
     await gateway.owned_job(job_id, owner)
     after = {job_id: last_event_id} if last_event_id and _is_event_id(last_event_id) else None
     return StreamingResponse(
@@ -96,7 +98,9 @@ async def job_events(
 
 async def _sse(gateway: Gateway, job_id: str, after: dict[str, str] | None) -> AsyncIterator[str]:
     """The job's events as SSE messages; a comment after `sse_keepalive_s` of quiet (proxies close idle
-    streams), and the end of the stream if the job's records expire meanwhile."""
+    streams), and the end of the stream if the job's records expire meanwhile. When Redis goes away the
+    stream ends cleanly, asking the client to reconnect (SSE `retry`, in ms) with Last-Event-ID: the
+    headers are sent, so an error status can no longer be."""
     keepalive = gateway.settings.sse_keepalive_s
     events = gateway.jobs.follow([job_id], after, idle_s=keepalive)
     last_sent = time.monotonic()
@@ -111,6 +115,9 @@ async def _sse(gateway: Gateway, job_id: str, after: dict[str, str] | None) -> A
             else:
                 continue
             last_sent = time.monotonic()
+    except Unavailable as e:
+        why = " ".join(e.message.split())  # one comment line
+        yield f": {why}; the job goes on: reconnect with Last-Event-ID\nretry: {e.retry_after_s * 1000}\n\n"
     finally:
         await events.aclose()
 
