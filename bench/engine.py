@@ -176,7 +176,7 @@ def our_side(name: str, engine: Engine, clock: Clock, args: argparse.Namespace) 
 
     recorder = Recorder(clock)
     recorder.watch("text", engine.text.model)
-    recorder.watch("unet", engine.unet)
+    recorder.watch_call("unet", engine, "runner")  # around the compiled graph, not inside it
     recorder.watch_decode(engine.autoencoder)
     return Side(name, recorder, ours)
 

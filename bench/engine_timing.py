@@ -82,6 +82,19 @@ class Recorder:
         module.register_forward_pre_hook(lambda *_: self.start(name))
         module.register_forward_hook(lambda *_: self.end(name))
 
+    def watch_call(self, name: str, owner: Any, attribute: str) -> None:
+        """Times calls of `owner.<attribute>` (a callable looked up at each call): the engine's UNet
+        runner, whose compiled graph must not contain the hooks' clock reads."""
+        call: Callable[..., Any] = getattr(owner, attribute)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.start(name)
+            out = call(*args, **kwargs)
+            self.end(name)
+            return out
+
+        setattr(owner, attribute, timed)
+
     def watch_decode(self, autoencoder: Any) -> None:
         """Wraps `autoencoder.decode` (both pipelines call it by attribute, with unscaled latents)."""
         decode: Callable[..., Any] = autoencoder.decode
