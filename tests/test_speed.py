@@ -58,7 +58,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_dtype_defaults_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_dtype(None, "cpu") == "fp32" and resolve_dtype(None, "cuda") == "fp16"
+    assert resolve_dtype(None, "cpu") == "fp32" and resolve_dtype(None, "cuda:1") == "fp16"
     assert resolve_dtype("bf16", "cpu") == "bf16" and resolve_dtype("auto", "cuda") == "fp16"
     monkeypatch.setattr(unet_runner, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
     assert resolve_dtype("auto", "cpu") == "bf16"
@@ -145,7 +145,7 @@ def test_bf16_on_the_cpu_stays_close_to_fp32_on_the_demo_model() -> None:
     """PSNR >= 30 dB against our fp32 images (UNet, VAE and text encoder in bf16)."""
     started = time.perf_counter()
     prompts = ["a large red square in the center", "a small blue circle on the left", "a green triangle"]
-    reqs = [GenerationRequest(prompt=p, seed=3 + i) for i, p in enumerate(prompts)]
+    reqs = [GenerationRequest(prompt=p, seed=3 + i, steps=12) for i, p in enumerate(prompts)]
     fp32 = Engine.load(bundled_model(), dtype="fp32")
     bf16 = Engine.load(bundled_model(), dtype="bf16")
     assert next(bf16.unet.parameters()).dtype == torch.bfloat16

@@ -65,21 +65,21 @@ class Engine:
         self,
         model: LoadedModel,
         device: str = "cpu",
-        dtype: str | None = None,
+        dtype: str | None = "fp32",
         text_cache: int = 256,
         decode_tile: int = DECODE_TILE,
         *,
         channels_last: bool | None = None,
         compile: bool = False,
     ):
-        """`dtype`: fp32, fp16, bf16, `auto` or None (`resolve_dtype`: fp32 on cpu, fp16 on cuda).
+        """`dtype`: fp32, fp16, bf16, `auto` or None (the device's default: `resolve_dtype`).
         `channels_last`: the UNet and the VAE in NHWC memory format (None: on the CPU, where oneDNN's
         convolutions prefer it; the numbers are the same to ~1e-6). `compile`: the UNet through
         `torch.compile` with batch buckets (`unet_runner.py`); the first call of each bucket compiles."""
         dtype = resolve_dtype(dtype, device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}")
-        if device == "cpu" and dtype == "fp16":
+        if torch.device(device).type == "cpu" and dtype == "fp16":
             raise ValueError("fp16 runs on cuda only; on the CPU use fp32 or bf16")
         self.model = model
         self.config: ModelConfig = model.config
@@ -121,7 +121,7 @@ class Engine:
         path: Path,
         tokenizer_dir: Path | None = None,
         device: str = "cpu",
-        dtype: str | None = None,
+        dtype: str | None = "fp32",
         prediction: Prediction | None = None,
         decode_tile: int = DECODE_TILE,
         *,

@@ -43,8 +43,9 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
     """The precision a dtype setting means on `device`. None: fp16 on cuda, fp32 on cpu. `auto`: on
     cuda fp16; on cpu bf16 where the CPU has AMX tiles for it (`amx_bf16`), else fp32: oneDNN's bf16
     convolutions without AMX (AVX512-BF16 only) ran slower than fp32 here (bench/README.md)."""
-    if dtype is None or (dtype == "auto" and device != "cpu"):
-        return "fp16" if device == "cuda" else "fp32"
+    kind = torch.device(device).type
+    if dtype is None or (dtype == "auto" and kind != "cpu"):
+        return "fp16" if kind == "cuda" else "fp32"
     if dtype == "auto":
         return "bf16" if "amx_bf16" in cpu_flags() else "fp32"
     return dtype
