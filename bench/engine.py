@@ -112,10 +112,12 @@ VARIANTS = {
         Variant("auto", "auto"),
     )
 }
+# The modules of one engine; True: the last engine asks (it may have the original, not a copy).
+ModelSource = Callable[[bool], LoadedModel]
 ALL = {"cpu": ("eager", "cl", "compile", "bf16"), "cuda": ("default", "compile", "bf16")}
 
 
-def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[Callable[[], LoadedModel], Any]:
+def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[ModelSource, Any]:
     """Writes an SD 1.x single-file checkpoint; returns a loader of it (one fresh copy of the modules per
     engine) and diffusers' pipeline over the same file (CPU, fp32)."""
     tokenizer_dir = write_tokenizer(folder / "tokenizer")
@@ -124,14 +126,14 @@ def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[Calla
     if model.config.unet != config.unet or model.config.text != config.text:
         raise RuntimeError("the checkpoint loaded as another architecture than the one written")
     pipe = reference_pipeline(load_file(str(path)), model.config, model.tokenizer, SAMPLER)
-    return lambda: load_model(path), pipe
+    return lambda last: load_model(path), pipe
 
 
 def build_in_memory(
     config: ModelConfig, folder: Path, seed: int, device: str, dtype: str
-) -> tuple[Callable[[], LoadedModel], Any]:
-    """The same modules and SD-layout state dict as `build_from_file`, without the round trip to disk;
-    each engine gets a copy of the modules (the engine moves and casts its modules in place)."""
+) -> tuple[ModelSource, Any]:
+    """The same modules and SD-layout state dict as `build_from_file`, without the round trip to disk.
+    An engine moves and casts its modules in place: each one but the last gets a copy."""
     tokenizer_dir = write_tokenizer(folder / "tokenizer")
     unet, vae, text = build_tiny(config, tokenizer_dir, seed)  # "tiny" only by name: any config
     state = sd_state_dict(unet, vae, text, config.family)  # CPU tensors; they outlive the move below
@@ -144,7 +146,7 @@ def build_in_memory(
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     try:
-        return lambda: copy.deepcopy(model), pipe.to(device, DTYPES[dtype])
+        return lambda last: model if last else copy.deepcopy(model), pipe.to(device, DTYPES[dtype])
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
 
@@ -259,14 +261,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_engines(
-    new_model: Callable[[], LoadedModel], names: tuple[str, ...], device: str
+    new_model: ModelSource, names: tuple[str, ...], device: str
 ) -> dict[str, tuple[Engine, str]]:
     """One engine per variant, each on a fresh copy of the modules; with the dtype each resolved to."""
     engines = {}
-    for name in names:
+    for i, name in enumerate(names):
         v = VARIANTS[name]
         dtype = resolve_dtype(v.dtype, device)
-        engine = Engine(new_model(), device, v.dtype, channels_last=v.channels_last, compile=v.compile)
+        engine = Engine(
+            new_model(i == len(names) - 1), device, v.dtype, channels_last=v.channels_last, compile=v.compile
+        )
         engines[name] = (
             engine,
             f"{dtype}{', channels-last' if engine.channels_last else ''}{', compiled' if v.compile else ''}",
