@@ -155,7 +155,8 @@ class WorkerSettings(QueueSettings):
     compile: bool = Field(
         False,
         description="torch.compile (inductor) the UNet, batches padded up to power-of-two buckets: the first "
-        "step of each bucket and latent size compiles (a minute or more on a CPU), later ones run faster",
+        "step of each bucket and latent size compiles (a minute or more on a CPU); on a CPU later calls "
+        "were only 2% faster (bench/README.md)",
     )
     max_batch: int = Field(
         0,
