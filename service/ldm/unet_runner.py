@@ -13,6 +13,7 @@ alone, and no padding row is ever seen outside this module.
 from __future__ import annotations
 
 import logging
+import time
 from functools import cache
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class UNetRunner:
         if channels_last:
             to_channels_last(unet)
         self.compiled: nn.Module | None = None
+        self.graphs: set[tuple[object, ...]] = set()  # (rows, latent shape, context shape, mask?, y?)
         if compile:
             # Every bucket x latent size x with-or-without mask is a graph of its own.
             dynamo = torch._dynamo.config
@@ -102,10 +104,28 @@ class UNetRunner:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is None or eager:
-            out = self.unet(x, t, context, context_mask, y)
-        else:
-            rows = x.shape[0]
-            padded = bucket(rows)
-            args = [_pad_rows(a, padded) for a in (x, t, context, context_mask, y)]
-            out = self.compiled(*args)[:rows]
-        return out.contiguous()
+            return self.unet(x, t, context, context_mask, y).contiguous()
+        return self._compiled_call(self.compiled, x, t, context, context_mask, y).contiguous()
+
+    def _compiled_call(
+        self,
+        compiled: nn.Module,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        y: Tensor | None,
+    ) -> Tensor:
+        rows = x.shape[0]
+        padded = bucket(rows)
+        args = [_pad_rows(a, padded) for a in (x, t, context, mask, y)]
+        graph = (padded, *x.shape[1:], *context.shape[1:], mask is not None, y is not None)
+        fresh = graph not in self.graphs  # then this call compiles and stops the loop a while: say so
+        if fresh:
+            log.info("compiling the UNet for %d rows (a batch of %d), latents %s", padded, rows, x.shape[1:])
+        started = time.perf_counter()
+        out = compiled(*args)[:rows]
+        if fresh:
+            self.graphs.add(graph)
+            log.info("compiled the UNet for %d rows in %.1f s", padded, time.perf_counter() - started)
+        return out
