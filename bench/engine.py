@@ -31,13 +31,12 @@ same SD-layout state dict by diffusers' own single-file converters (`tests.refer
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from service.ldm.checkpoint import LoadedModel, sd_state_dict
+from bench.engine_timing import Clock, Recorder, Side, median, report
+from bench.machine import cpu_description
+from service.ldm.checkpoint import LoadedModel, load_model, sd_state_dict
 from service.ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from service.ldm.engine import DTYPES, Engine, GenerationRequest
 from service.ldm.text import TextConditioner, load_tokenizer
+from service.ldm.unet_runner import resolve_dtype
 from tests.reference import reference_pipeline
 from tests.tiny import build_tiny, write_sd_checkpoint, write_tokenizer
 
@@ -85,172 +87,72 @@ def sd15_config() -> ModelConfig:
     return ModelConfig()  # every default is SD 1.5's
 
 
-# -- timing -----------------------------------------------------------------------------------------
-
-Mark = Any  # a perf_counter() float on the CPU, a recorded torch.cuda.Event on CUDA
+# -- the pipelines ----------------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the engine, timed as a side of its own against diffusers."""
 
-    def mark(self) -> Mark:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Mark, end: Mark) -> float:
-        if self.cuda:
-            return float(start.elapsed_time(end)) / 1000.0
-        return float(end - start)
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+    name: str
+    dtype: str | None = None  # None: the engine's default for the device
+    channels_last: bool | None = None  # None: the engine's default (on for cpu)
+    compile: bool = False
 
 
-@dataclass
-class Phases:
-    """One run's seconds: the whole call and its parts (per call, not per image)."""
-
-    total: float
-    text: float  # text-encoder forwards
-    loop: float  # first UNet call start .. last UNet call end
-    unet: float  # sum of the UNet forwards
-    decode: float  # VAE decode
-    unet_calls: int
-    cpu: float = 0.0  # CPU time of the process over the call (all its threads)
-
-    @property
-    def other(self) -> float:
-        return self.total - self.text - self.loop - self.decode
-
-
-@dataclass
-class Recorder:
-    """Start and end marks of the text encoder's, the UNet's and the VAE decoder's calls in one pipeline;
-    also keeps the latents the decoder was given (to compare the two pipelines' results)."""
-
-    clock: Clock
-    calls: dict[str, list[tuple[Mark, Mark]]] = field(default_factory=dict)
-    started: dict[str, Mark] = field(default_factory=dict)
-    decoded: Tensor | None = None
-
-    def start(self, name: str) -> None:
-        self.started[name] = self.clock.mark()
-
-    def end(self, name: str) -> None:
-        self.calls.setdefault(name, []).append((self.started.pop(name), self.clock.mark()))
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.started.clear()
-
-    def watch(self, name: str, module: torch.nn.Module) -> None:
-        module.register_forward_pre_hook(lambda *_: self.start(name))
-        module.register_forward_hook(lambda *_: self.end(name))
-
-    def watch_decode(self, autoencoder: Any) -> None:
-        """Wraps `autoencoder.decode` (both pipelines call it by attribute, with unscaled latents)."""
-        decode: Callable[..., Any] = autoencoder.decode
-
-        def timed_decode(z: Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.decoded = z.detach()  # no copy to the host here: that would synchronise
-            self.start("decode")
-            out = decode(z, *args, **kwargs)
-            self.end("decode")
-            return out
-
-        autoencoder.decode = timed_decode
-
-    def phases(self, total: float) -> Phases:
-        sec = self.clock.seconds
-
-        def summed(name: str) -> float:
-            return sum(sec(a, b) for a, b in self.calls.get(name, []))
-
-        unet = self.calls.get("unet", [])
-        loop = sec(unet[0][0], unet[-1][1]) if unet else 0.0
-        return Phases(total, summed("text"), loop, summed("unet"), summed("decode"), len(unet))
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("default"),
+        Variant("eager", "fp32", channels_last=False),  # the engine before channels-last and compile
+        Variant("cl", "fp32", channels_last=True),
+        Variant("compile", "fp32", compile=True),
+        Variant("bf16", "bf16"),
+        Variant("bf16-compile", "bf16", compile=True),
+        Variant("auto", "auto"),
+    )
+}
+# The modules of one engine; True: the last engine asks (it may have the original, not a copy).
+ModelSource = Callable[[bool], LoadedModel]
+ALL = {"cpu": ("eager", "cl", "compile", "bf16"), "cuda": ("default", "compile", "bf16")}
 
 
-# -- the two pipelines --------------------------------------------------------------------------------
-
-
-def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[Engine, Any]:
-    """Writes an SD 1.x single-file checkpoint and loads it on each side (CPU, fp32)."""
+def build_from_file(config: ModelConfig, folder: Path, seed: int) -> tuple[ModelSource, Any]:
+    """Writes an SD 1.x single-file checkpoint; returns a loader of it (one fresh copy of the modules per
+    engine) and diffusers' pipeline over the same file (CPU, fp32)."""
     tokenizer_dir = write_tokenizer(folder / "tokenizer")
     path = write_sd_checkpoint(folder / "bench.safetensors", config, tokenizer_dir, seed=seed)
-    engine = Engine.load(path)
-    if engine.config.unet != config.unet or engine.config.text != config.text:
+    model = load_model(path)
+    if model.config.unet != config.unet or model.config.text != config.text:
         raise RuntimeError("the checkpoint loaded as another architecture than the one written")
-    return engine, reference_pipeline(load_file(str(path)), engine.config, engine.text.tokenizer, SAMPLER)
+    pipe = reference_pipeline(load_file(str(path)), model.config, model.tokenizer, SAMPLER)
+    return lambda last: load_model(path), pipe
 
 
 def build_in_memory(
     config: ModelConfig, folder: Path, seed: int, device: str, dtype: str
-) -> tuple[Engine, Any]:
-    """The same modules and SD-layout state dict as `build_from_file`, without the round trip to disk."""
+) -> tuple[ModelSource, Any]:
+    """The same modules and SD-layout state dict as `build_from_file`, without the round trip to disk.
+    An engine moves and casts its modules in place: each one but the last gets a copy."""
     tokenizer_dir = write_tokenizer(folder / "tokenizer")
     unet, vae, text = build_tiny(config, tokenizer_dir, seed)  # "tiny" only by name: any config
     state = sd_state_dict(unet, vae, text, config.family)  # CPU tensors; they outlive the move below
     tokenizer = load_tokenizer(tokenizer_dir)
     model = LoadedModel(config, unet, vae, text, tokenizer, folder / "in-memory")  # type: ignore[arg-type]
-    engine = Engine(model, device=device, dtype=dtype)
-    pipe = reference_pipeline(state, config, engine.text.tokenizer, SAMPLER)
+    pipe = reference_pipeline(state, config, tokenizer, SAMPLER)
     del state
     # diffusers' usual half-precision setup (from_pretrained(torch_dtype=...)): all of it, VAE too.
     # (Quietly: `to()` warns that from_pretrained would keep some modules in fp32; SD 1.x has none.)
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     try:
-        return engine, pipe.to(device, DTYPES[dtype])
+        return lambda last: model if last else copy.deepcopy(model), pipe.to(device, DTYPES[dtype])
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
 
 
-@dataclass
-class Side:
-    name: str
-    recorder: Recorder
-    call: Callable[[], list[Image.Image]]
-    runs: list[Phases] = field(default_factory=list)
-    images: list[Image.Image] = field(default_factory=list)
-
-    def run(self, clock: Clock, keep: bool) -> None:
-        self.recorder.reset()
-        clock.sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            images = self.call()
-        clock.sync()
-        total = time.perf_counter() - start
-        if keep:
-            phases = self.recorder.phases(total)
-            phases.cpu = time.process_time() - cpu_start
-            self.runs.append(phases)
-            self.images = images
-
-    def cuda_syncs(self) -> int:
-        """Host-device synchronisations in one call (torch's sync debug mode), the final copy of the
-        images to the host included. Each one stops the host from queueing work ahead of the GPU."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with torch.inference_mode():
-                    self.call()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
-        return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def make_sides(engine: Engine, pipe: Any, clock: Clock, args: argparse.Namespace) -> tuple[Side, Side]:
-    seeds = [args.seed + i for i in range(args.batch)]
-    requests = [
+def requests_of(args: argparse.Namespace) -> list[GenerationRequest]:
+    return [
         GenerationRequest(
             prompt=PROMPT,
             negative_prompt=NEGATIVE_PROMPT,
@@ -259,16 +161,30 @@ def make_sides(engine: Engine, pipe: Any, clock: Clock, args: argparse.Namespace
             steps=args.steps,
             guidance_scale=args.guidance,
             sampler=SAMPLER,
-            seed=seed,
+            seed=args.seed + i,
         )
-        for seed in seeds
+        for i in range(args.batch)
     ]
+
+
+def our_side(name: str, engine: Engine, clock: Clock, args: argparse.Namespace) -> Side:
+    requests = requests_of(args)
 
     def ours() -> list[Image.Image]:
         # A fresh embedding cache every run: diffusers encodes the prompts on every call.
         engine.text = TextConditioner(engine.text.model, engine.text.tokenizer)
         results = engine.generate(requests)
         return [r.image for r in results if r.image is not None]
+
+    recorder = Recorder(clock)
+    recorder.watch("text", engine.text.model)
+    recorder.watch_call("unet", engine, "runner")  # around the compiled graph, not inside it
+    recorder.watch_decode(engine.autoencoder)
+    return Side(name, recorder, ours)
+
+
+def their_side(pipe: Any, clock: Clock, args: argparse.Namespace) -> Side:
+    seeds = [args.seed + i for i in range(args.batch)]
 
     def theirs() -> list[Image.Image]:
         out = pipe(
@@ -284,34 +200,19 @@ def make_sides(engine: Engine, pipe: Any, clock: Clock, args: argparse.Namespace
         )
         return list(out.images)
 
-    our_rec, their_rec = Recorder(clock), Recorder(clock)
-    our_rec.watch("text", engine.text.model)
-    our_rec.watch("unet", engine.unet)
-    our_rec.watch_decode(engine.autoencoder)
-    their_rec.watch("text", pipe.text_encoder)
-    their_rec.watch("unet", pipe.unet)
-    their_rec.watch_decode(pipe.vae)
-    return Side("ours", our_rec, ours), Side("diffusers", their_rec, theirs)
+    recorder = Recorder(clock)
+    recorder.watch("text", pipe.text_encoder)
+    recorder.watch("unet", pipe.unet)
+    recorder.watch_decode(pipe.vae)
+    return Side("diffusers", recorder, theirs)
 
 
-def median(runs: list[Phases], attr: str) -> float:
-    return statistics.median(getattr(p, attr) for p in runs)
-
-
-def report(side: Side, batch: int, steps: int, show_cpu: bool) -> str:
-    """Two lines: median s/image and it/s (the fastest run's s/image), then the median phases of a call."""
-    total, loop = median(side.runs, "total"), median(side.runs, "loop")
-    fastest = min(p.total for p in side.runs)
-    ms = {k: 1000 * median(side.runs, k) for k in ("text", "loop", "unet", "decode", "other")}
-    its = steps / loop if loop > 0 else float("nan")
-    head = f"{side.name:<9} {total / batch:7.3f} s/image  {its:6.2f} it/s"
-    cpu = f", CPU time {median(side.runs, 'cpu') / batch:.3f} s/image" if show_cpu else ""
-    calls = side.runs[0].unet_calls
-    return (
-        f"{head}   (fastest run {fastest / batch:.3f} s/image{cpu})\n"
-        f"{'':<9} per call: text {ms['text']:.0f} ms, denoise {ms['loop']:.0f} ms (in the UNet "
-        f"{ms['unet']:.0f}, {calls} calls), decode {ms['decode']:.0f} ms, other {ms['other']:.0f} ms"
-    )
+def psnr(a: list[Image.Image], b: list[Image.Image]) -> float:
+    """Peak signal-to-noise ratio of two image lists in dB (8-bit pixels; inf when equal)."""
+    x = np.stack([np.asarray(i, dtype=np.float64) for i in a])
+    y = np.stack([np.asarray(i, dtype=np.float64) for i in b])
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -333,6 +234,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
     parser.add_argument("--seed", type=int, default=1234, help="noise seed of the first image (default 1234)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--variants",
+        default="default",
+        help="comma-separated engine configurations, each timed against diffusers in the same run: "
+        f"{', '.join(VARIANTS)}; 'all' = {'/'.join(ALL['cpu'])} on cpu, {'/'.join(ALL['cuda'])} on cuda "
+        "(default: 'default', the engine as the worker runs it: fp32 + channels-last on cpu, fp16 on cuda)",
+    )
     args = parser.parse_args(argv)
     if args.size is None:
         args.size = 256 if args.device == "cpu" else 512
@@ -342,7 +250,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--steps, --runs and --batch must be at least 1, --warmup at least 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    names = ALL[args.device] if args.variants == "all" else tuple(args.variants.split(","))
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}, all")
+    if any(VARIANTS[n].compile for n in names) and args.warmup < 1:
+        parser.error("--variants with compile: needs --warmup 1 or more (the first call compiles)")
+    args.variant_names = names
     return args
+
+
+def build_engines(
+    new_model: ModelSource, names: tuple[str, ...], device: str
+) -> dict[str, tuple[Engine, str]]:
+    """One engine per variant, each on a fresh copy of the modules; with the dtype each resolved to."""
+    engines = {}
+    for i, name in enumerate(names):
+        v = VARIANTS[name]
+        dtype = resolve_dtype(v.dtype, device)
+        engine = Engine(
+            new_model(i == len(names) - 1), device, v.dtype, channels_last=v.channels_last, compile=v.compile
+        )
+        engines[name] = (
+            engine,
+            f"{dtype}{', channels-last' if engine.channels_last else ''}{', compiled' if v.compile else ''}",
+        )
+    return engines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,21 +287,31 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         if args.device == "cpu":
             config = small_config()
-            engine, pipe = build_from_file(config, Path(tmp), seed=args.seed)
+            new_model, pipe = build_from_file(config, Path(tmp), seed=args.seed)
         else:
             config = sd15_config()
-            engine, pipe = build_in_memory(config, Path(tmp), args.seed, args.device, "fp16")
-    ours, theirs = make_sides(engine, pipe, clock, args)
+            new_model, pipe = build_in_memory(config, Path(tmp), args.seed, args.device, "fp16")
+        engines = build_engines(new_model, args.variant_names, args.device)
+    theirs = their_side(pipe, clock, args)
+    ours = [
+        our_side("ours" if name == "default" else f"ours:{name}", engine, clock, args)
+        for name, (engine, _) in engines.items()
+    ]
     u = config.unet
-    unet_params = sum(p.numel() for p in engine.unet.parameters()) / 1e6
+    first = next(iter(engines.values()))[0]
+    unet_params = sum(p.numel() for p in first.unet.parameters()) / 1e6
     hardware = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} torch threads"
     )
-    dtype = "fp16 (our VAE fp32, diffusers' fp16)" if args.device == "cuda" else "fp32"
+    their_dtype = "fp16" if args.device == "cuda" else "fp32"
     print(
-        f"device {args.device} ({hardware}), {dtype}, torch {torch.__version__}, "
-        f"diffusers {diffusers.__version__}; setup {time.perf_counter() - setup_start:.1f} s"
+        f"device {args.device} ({hardware}), torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__} ({their_dtype}); setup {time.perf_counter() - setup_start:.1f} s"
     )
+    print(f"CPU {cpu_description()}; dtype auto -> {resolve_dtype('auto', args.device)}")
+    for side, (_, what) in zip(ours, engines.values(), strict=True):
+        vae = "fp32" if what.startswith(("fp32", "fp16")) else "bf16"
+        print(f"{side.name}: {what} (VAE {vae})")
     print(
         f"model UNet {unet_params:.1f}M params (channels {u.model_channels}, mult {u.channel_mult}, "
         f"{u.num_res_blocks} res blocks, attention levels {u.attention_levels}, context {u.context_dim}), "
@@ -387,35 +330,47 @@ def main(argv: list[str] | None = None) -> None:
                 f"warning: {threads} torch threads oversubscribe a machine this busy; OpenMP threads then "
                 "wait on descheduled peers and timings swing by multiples: try --threads 1"
             )
-    for _ in range(args.warmup):
-        ours.run(clock, keep=False)
-        theirs.run(clock, keep=False)
+    sides = [*ours, theirs]
+    for _ in range(args.warmup):  # compiles the compiled variants' UNet (their batch's bucket)
+        for side in sides:
+            side.run(clock, keep=False)
     for i in range(args.runs):
-        for side in (ours, theirs) if i % 2 == 0 else (theirs, ours):
+        # The order turns every round and reverses every other: each side runs first, and after each.
+        order = sides[i % len(sides) :] + sides[: i % len(sides)]
+        for side in order if i % 2 == 0 else order[::-1]:
             side.run(clock, keep=True)
 
-    for side in (ours, theirs):
+    for side in sides:
         print(report(side, args.batch, args.steps, show_cpu=args.device == "cpu"))
-    ratio = median(ours.runs, "total") / median(theirs.runs, "total")
-    fastest = min(p.total for p in ours.runs) / min(p.total for p in theirs.runs)
-    extra = f"of the fastest runs {fastest:.2f}"
-    if args.device == "cpu":
-        # CPU time is not stretched by other jobs taking the cores (with one thread it is the fairest
-        # figure on a shared machine; with more it counts OpenMP's spinning too).
-        extra += f", of the median CPU times {median(ours.runs, 'cpu') / median(theirs.runs, 'cpu'):.2f}"
-    print(f"ratio ours/diffusers {ratio:.2f} (target <= 1.0; {extra})")
+    scale = config.autoencoder.scaling_factor
+    fp32 = next(
+        (s for s, (_, what) in zip(ours, engines.values(), strict=True) if what.startswith("fp32")), None
+    )
+    for side in ours:
+        ratio = median(side.runs, "total") / median(theirs.runs, "total")
+        fastest = min(p.total for p in side.runs) / min(p.total for p in theirs.runs)
+        extra = f"of the fastest runs {fastest:.2f}"
+        if args.device == "cpu":
+            # CPU time is not stretched by other jobs taking the cores (with one thread it is the fairest
+            # figure on a shared machine; with more it counts OpenMP's spinning too).
+            extra += f", of the median CPU times {median(side.runs, 'cpu') / median(theirs.runs, 'cpu'):.2f}"
+        print(f"ratio {side.name}/diffusers {ratio:.2f} ({extra})")
+        assert side.recorder.decoded is not None and theirs.recorder.decoded is not None
+        diff = side.recorder.decoded.float().cpu() - theirs.recorder.decoded.float().cpu()
+        latent_diff = (diff * scale).abs().max().item()
+        pixel_diff = max(
+            int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+            for a, b in zip(side.images, theirs.images, strict=True)
+        )
+        against = (fp32.name, fp32.images) if fp32 is not None else ("diffusers", theirs.images)
+        quality = (
+            "" if side is fp32 else f", PSNR {psnr(side.images, against[1]):.1f} dB against {against[0]}"
+        )
+        print(f"{'':<9} max |latent diff| {latent_diff:.1e}, max |pixel diff| {pixel_diff}/255{quality}")
     if args.device == "cuda":
         # After the timed runs: the debug mode slows the calls it watches.
-        print(f"host-device syncs per call: ours {ours.cuda_syncs()}, diffusers {theirs.cuda_syncs()}")
-    scale = config.autoencoder.scaling_factor
-    assert ours.recorder.decoded is not None and theirs.recorder.decoded is not None
-    diff = ours.recorder.decoded.float().cpu() - theirs.recorder.decoded.float().cpu()
-    latent_diff = (diff * scale).abs().max().item()
-    pixel_diff = max(
-        int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-        for a, b in zip(ours.images, theirs.images, strict=True)
-    )
-    print(f"max |latent diff| {latent_diff:.1e}, max |pixel diff| {pixel_diff}/255")
+        counts = ", ".join(f"{side.name} {side.cuda_syncs()}" for side in sides)
+        print(f"host-device syncs per call: {counts}")
 
 
 if __name__ == "__main__":

@@ -149,8 +149,21 @@ class WorkerSettings(QueueSettings):
     models: Models = Field(default_factory=_default_models, description=MODELS_HELP)
     worker_name: str = Field("", description="consumer name in the group; empty: host-pid")
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
-        None, description="default: fp32 on cpu, fp16 on cuda"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] | None = Field(
+        None,
+        description="default: fp32 on cpu, fp16 on cuda; auto: bf16 on a CPU with AMX (amx_bf16), else as "
+        "the default (bf16 without AMX ran slower than fp32: bench/README.md)",
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="UNet and VAE in channels-last (NHWC) memory format; default: on for cpu (oneDNN's "
+        "convolutions prefer it), off for cuda; the images are the same to ~1e-6",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor) the UNet, batches padded up to power-of-two buckets: the first "
+        "step of each bucket and latent size compiles (a minute or more on a CPU); on a CPU later calls "
+        "were only 2% faster (bench/README.md)",
     )
     max_batch: int = Field(
         0,

@@ -118,9 +118,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
     p.add_argument(
         "--dtype",
-        choices=("fp32", "fp16", "bf16"),
+        choices=("auto", "fp32", "fp16", "bf16"),
         default=None,
-        help="weights precision (default: fp32 on cpu, fp16 on cuda)",
+        help="weights precision (default: fp32 on cpu, fp16 on cuda; auto: bf16 on a CPU with AMX)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory format for the UNet and VAE (default: on for cpu, off for cuda)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (worth it for many images: the first step compiles)",
     )
     p.add_argument(
         "-o",
@@ -149,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             return fail("generate", "--device cuda: no CUDA device is available")
-    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     try:
         init_image = _png_file(args.init_image)
         mask = _png_file(args.mask)
@@ -158,12 +168,13 @@ def run(args: argparse.Namespace) -> int:
     if args.switch_at is not None and args.refiner is None:
         return fail("generate", "--switch-at: needs --refiner")
     try:
+        speed = {"channels_last": args.channels_last, "compile": args.compile}
         engine = Engine.load(
-            args.model or bundled_model(), args.tokenizer, args.device, dtype, args.prediction
+            args.model or bundled_model(), args.tokenizer, args.device, args.dtype, args.prediction, **speed
         )
         refiners = {}
         if args.refiner is not None:
-            refiners[REFINER] = Engine.load(args.refiner, None, args.device, dtype)
+            refiners[REFINER] = Engine.load(args.refiner, None, args.device, args.dtype, **speed)
     except (CheckpointError, TokenizerError, ValueError) as e:
         return fail("generate", str(e))
     fields = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed")

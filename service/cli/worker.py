@@ -28,7 +28,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         p, "serve this checkpoint under NAME (repeatable; default: the bundled demo model as 'shapes')"
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help=_help("device", "where to run"))
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help=_help("dtype"))
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default=None, help=_help("dtype"))
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help=_help("channels_last")
+    )
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=_help("compile"))
     p.add_argument("--max-batch", type=int, default=None, help=_help("max_batch"))
     p.add_argument("--max-wait-ms", type=float, default=None, help=_help("max_wait_ms"))
     p.add_argument("--redis-url", default=None, help=_help("redis_url"))
@@ -48,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
             models=models_value(args.model),
             device=args.device,
             dtype=args.dtype,
+            channels_last=args.channels_last,
+            compile=args.compile,
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             redis_url=args.redis_url,

@@ -37,10 +37,13 @@ from .sdxl_cond import added_vector, attach_handoff, condition
 from .sdxl_text import SDXLConditioner, SDXLEmbedding, SDXLText
 from .text import TextConditioner
 from .tiling import DECODE_TILE, decode_tiled
+from .unet_runner import UNetRunner, resolve_dtype, to_channels_last
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What `auto` and None resolve to is `unet_runner.resolve_dtype`'s.
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 @dataclass
@@ -62,14 +65,22 @@ class Engine:
         self,
         model: LoadedModel,
         device: str = "cpu",
-        dtype: str = "fp32",
+        dtype: str | None = "fp32",
         text_cache: int = 256,
         decode_tile: int = DECODE_TILE,
+        *,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ):
+        """`dtype`: fp32, fp16, bf16, `auto` or None (the device's default: `resolve_dtype`).
+        `channels_last`: the UNet and the VAE in NHWC memory format (None: on the CPU, where oneDNN's
+        convolutions prefer it; the numbers are the same to ~1e-6). `compile`: the UNet through
+        `torch.compile` with batch buckets (`unet_runner.py`); the first call of each bucket compiles."""
+        dtype = resolve_dtype(dtype, device)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if device == "cpu" and dtype != "fp32":
-            raise ValueError("only fp32 runs on the CPU")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}")
+        if torch.device(device).type == "cpu" and dtype == "fp16":
+            raise ValueError("fp16 runs on cuda only; on the CPU use fp32 or bf16")
         self.model = model
         self.config: ModelConfig = model.config
         self.device = torch.device(device)
@@ -78,6 +89,10 @@ class Engine:
         # The SD autoencoder overflows in fp16; like diffusers, it stays in fp32 unless bf16 is asked.
         vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
         self.autoencoder = model.autoencoder.to(self.device, vae_dtype).eval()
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        if self.channels_last:
+            to_channels_last(self.autoencoder)
+        self.runner = UNetRunner(self.unet, channels_last=self.channels_last, compile=compile)
         self.text: TextConditioner | SDXLConditioner
         if self.config.is_sdxl:
             self.text = SDXLConditioner(self._sdxl_text(model), not self.config.is_refiner, text_cache)
@@ -106,11 +121,17 @@ class Engine:
         path: Path,
         tokenizer_dir: Path | None = None,
         device: str = "cpu",
-        dtype: str = "fp32",
+        dtype: str | None = "fp32",
         prediction: Prediction | None = None,
         decode_tile: int = DECODE_TILE,
+        *,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ) -> Engine:
-        return cls(load_model(path, tokenizer_dir, prediction), device, dtype, decode_tile=decode_tile)
+        model = load_model(path, tokenizer_dir, prediction)
+        return cls(
+            model, device, dtype, decode_tile=decode_tile, channels_last=channels_last, compile=compile
+        )
 
     def _sdxl_text(self, model: LoadedModel) -> SDXLText:
         """SDXL's encoders on this engine's device and dtype."""
@@ -143,7 +164,9 @@ class Engine:
             y = added_vector(text_embeds.to(self.device), time_ids.to(self.device))
         groups = group_rows(loras, self.device, self.dtype) if loras else ()
         with self.unet_loras.active(groups):
-            out = self.unet(x.to(self.dtype), t.to(self.device), context.to(self.dtype), context_mask, y)
+            # Per-row LoRA layers run eagerly: they change between calls, a compiled graph would not.
+            x, context = x.to(self.dtype), context.to(self.dtype)
+            out = self.runner(x, t.to(self.device), context, context_mask, y, eager=bool(groups))
         return out.float()
 
     def load_lora(self, path: Path, name: str | None = None) -> LoraAdapter:
@@ -253,13 +276,15 @@ class Engine:
         with torch.inference_mode():
             vae_dtype = next(self.autoencoder.parameters()).dtype
             posterior = self.autoencoder.encode(image.to(vae_dtype))
-            return posterior.mode().float() * self.config.autoencoder.scaling_factor
+            return posterior.mode().float().contiguous() * self.config.autoencoder.scaling_factor
 
     def decode(self, latents: Tensor) -> list[Image.Image]:
         """Scaled latents (B, C, h, w) -> images."""
         with torch.inference_mode():
             vae_dtype = next(self.autoencoder.parameters()).dtype
             z = (latents / self.config.autoencoder.scaling_factor).to(vae_dtype)
+            if self.channels_last:
+                z = z.contiguous(memory_format=torch.channels_last)
             tile = self.decode_tile
             return to_images(decode_tiled(self.autoencoder.decode, z, tile, overlap=tile // 4))
 

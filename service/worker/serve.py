@@ -18,12 +18,16 @@ log = logging.getLogger(__name__)
 def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    dtype = settings.dtype or ("fp16" if settings.device == "cuda" else "fp32")
     engines = {}
     for name, path in settings.models.items():
         started = time.perf_counter()
         engines[name] = Engine.load(
-            path, device=settings.device, dtype=dtype, decode_tile=settings.decode_tile
+            path,
+            device=settings.device,
+            dtype=settings.dtype,
+            decode_tile=settings.decode_tile,
+            channels_last=settings.channels_last,
+            compile=settings.compile,
         )
         log.info("model %s loaded from %s in %.1f s", name, path, time.perf_counter() - started)
     return engines
