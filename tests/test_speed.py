@@ -6,6 +6,7 @@ LDM_TEST_COMPILE=1 set."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from service.ldm.engine import Engine
 from service.ldm.request import GenerationRequest
 from service.ldm.unet_runner import bucket, resolve_dtype
 from service.paths import bundled_model
+from service.worker.warmup import buckets_for, warm_up
 
 from .tiny import tiny_config, write_sd_checkpoint, write_tokenizer
 
@@ -153,3 +155,16 @@ def test_bf16_on_the_cpu_stays_close_to_fp32_on_the_demo_model() -> None:
     b = pixels([r.image for r in bf16.generate(reqs)])
     assert psnr(a, b) >= 30.0, psnr(a, b)
     print(f"bf16 against fp32: PSNR {psnr(a, b):.1f} dB in {time.perf_counter() - started:.1f} s")
+
+
+def test_a_compiling_worker_compiles_every_bucket_before_its_first_job(sd1_path: Path) -> None:
+    """With LDM_COMPILE the worker draws a 1-step image per bucket a batch of up to max_batch members
+    reaches (1 or 2 rows a member), so no graph compiles inside its loop at the native size."""
+    engine = Engine.load(sd1_path)
+    engine.config = dataclasses.replace(engine.config, sample_size=32)  # a request's default size
+    warm_up("tiny", engine, max_batch=3)  # not compiled: nothing to do
+    counter = RowCounter(engine.unet)
+    engine.runner.compiled = counter  # the bucket path of a compiled engine, without inductor
+    warm_up("tiny", engine, max_batch=3)
+    assert buckets_for(3) == [1, 2, 4, 8] and buckets_for(1) == [1, 2]
+    assert sorted(set(counter.rows)) == [1, 2, 4, 8]

@@ -16,8 +16,6 @@ it enqueues, so every attempt of a job draws the same image); `plan` gives image
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import secrets
 import struct
@@ -30,7 +28,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -38,6 +35,7 @@ from pydantic import (
 )
 
 from .config import ModelConfig
+from .request_base import AS_BASE64, IMAGE_SCHEMA, decode_base64
 from .request_base import MODEL_NAME as MODEL_NAME
 from .request_base import Int as Int
 from .request_base import RequestError as RequestError
@@ -80,18 +78,6 @@ def first_error(e: ValidationError) -> RequestError:
     return RequestError(".".join(map(str, error["loc"])) or "request", message)
 
 
-def _base64(value: Any) -> Any:
-    """Images travel as base64 text (standard or URL-safe alphabet); bytes pass as they are."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return base64.b64decode(
-            value, altchars=b"-_" if ("-" in value or "_" in value) else None, validate=True
-        )
-    except (binascii.Error, ValueError):
-        raise ValueError("must be base64 (a PNG image)") from None
-
-
 def _known_sampler(name: str) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
@@ -103,10 +89,10 @@ Sampler = Annotated[
 ]
 PngImage = Annotated[
     bytes,
-    BeforeValidator(_base64),
+    BeforeValidator(lambda value: decode_base64(value, "PNG")),
     Field(max_length=MAX_IMAGE_BYTES),
-    PlainSerializer(lambda b: base64.urlsafe_b64encode(b).decode(), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}),
+    AS_BASE64,
+    IMAGE_SCHEMA,
 ]
 
 

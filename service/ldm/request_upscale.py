@@ -9,8 +9,6 @@ and refused before anything decodes it when the output would pass `Limits.max_up
 
 from __future__ import annotations
 
-import base64
-import binascii
 import struct
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,13 +17,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
-    WithJsonSchema,
     field_validator,
 )
 
 from .config import UPSCALE_FACTOR, UPSCALE_MAX_NOISE_LEVEL, ModelConfig
-from .request_base import Int, RequestError
+from .request_base import AS_BASE64, IMAGE_SCHEMA, Int, RequestError, decode_base64
 
 if TYPE_CHECKING:
     from .request import GenerationRequest, Limits
@@ -38,23 +34,12 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _base64(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return base64.b64decode(
-            value, altchars=b"-_" if ("-" in value or "_" in value) else None, validate=True
-        )
-    except (binascii.Error, ValueError):
-        raise ValueError("must be base64 (a PNG or JPEG image)") from None
-
-
 InputImage = Annotated[
     bytes,
-    BeforeValidator(_base64),
+    BeforeValidator(lambda value: decode_base64(value, "PNG or JPEG")),
     Field(max_length=MAX_UPSCALE_IMAGE_BYTES),
-    PlainSerializer(lambda b: base64.urlsafe_b64encode(b).decode(), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}),
+    AS_BASE64,
+    IMAGE_SCHEMA,
 ]
 
 

@@ -11,6 +11,7 @@ from ..ldm.engine import Engine
 from ..settings import WorkerSettings
 from .metrics import WorkerMetrics
 from .runner import Worker
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
 def serve(settings: WorkerSettings) -> int:
     """Loads the models, starts /metrics and /healthz, runs until drained."""
     engines = load_engines(settings)
+    for name, engine in engines.items():  # with LDM_COMPILE: compile now, not inside the loop
+        warm_up(name, engine, settings.max_batch)
     metrics = WorkerMetrics()
     if settings.device == "cuda":
         metrics.gpu_memory.labels("allocated").set_function(torch.cuda.memory_allocated)
