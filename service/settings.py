@@ -51,6 +51,12 @@ class QueueSettings(BaseSettings):
         0, ge=0, description="replicas that must confirm an accepted job, a cancel or a result (WAIT)"
     )
     redis_wait_ms: int = Field(1000, ge=1, description="how long a write waits for those replicas")
+    redis_max_connections: int = Field(
+        1000,
+        ge=8,
+        description="connections a gateway may hold to Redis (each synchronous request waiting for its "
+        "images holds one); past it a request waits up to 5 s for one, then gets 503",
+    )
     result_ttl_s: int = Field(3600, ge=1, description="how long results, job hashes and events outlive a job")
     job_timeout_s: float = Field(
         600.0, gt=0, description="default deadline: a job not started within this is expired, not run"

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from ..queue.connection import async_client_for
+from ..queue.connection import COMMAND_CONNECTIONS, async_client_for
 from ..queue.store import JobStore
 from ..settings import GatewaySettings, gateway_settings
 from . import a1111_api, openai_api, routes_images, routes_jobs, routes_meta
@@ -55,8 +55,8 @@ AUTOMATIC1111's web UI API (`/sdapi/v1/...`, HTTP Basic with the key as password
 def build_gateway(settings: GatewaySettings, metrics: GatewayMetrics, catalog: Catalog) -> Gateway:
     store = JobStore.from_settings(settings)
     # Blocking reads wait up to jobs.BLOCK_S: the socket timeout must outlast them.
-    client = async_client_for(settings)
-    jobs = JobService(store, client, settings.retry_after_s)
+    client = async_client_for(settings, max_connections=COMMAND_CONNECTIONS)
+    jobs = JobService(store, client, settings.retry_after_s, waits=async_client_for(settings))
     metrics.watch_queue(lambda: jobs.queue_gauges(catalog.names()))
     return Gateway(settings, catalog, jobs, metrics)
 
@@ -83,7 +83,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             webhooks.cancel()
             if server is not None:
                 await server.stop(GRPC_GRACE_S)
-            await gateway.jobs.client.aclose()
+            await gateway.jobs.close()
             gateway.jobs.store.redis.close()
 
     app = FastAPI(title="ldm-service gateway", version="1", description=DESCRIPTION, lifespan=lifespan)

@@ -63,9 +63,16 @@ class Event:
 
 
 class JobService:
-    def __init__(self, store: JobStore, client: redis.asyncio.Redis, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        client: redis.asyncio.Redis,
+        retry_after_s: int,
+        waits: redis.asyncio.Redis | None = None,
+    ) -> None:
         self.store = store
-        self.client = client
+        self.client = client  # commands
+        self.waits = waits or client  # blocking reads (XREAD BLOCK): a connection per waiting request
         self.retry_after_s = retry_after_s
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
         self.admission = Admission()  # refusals that stand for a moment (admission.py)
@@ -289,6 +296,11 @@ class JobService:
     async def models_by_worker(self) -> list[list[str]]:
         return await self._run(self.worker_models)
 
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self.waits is not self.client:
+            await self.waits.aclose()
+
     # -- waiting ----------------------------------------------------------------------------------
 
     async def follow(
@@ -304,7 +316,7 @@ class JobService:
         while open_jobs:
             streams = {keys.events(job_id): last[job_id] for job_id in job_ids if job_id in open_jobs}
             try:
-                reply: Any = await self.client.xread(streams, count=100, block=block_ms)  # type: ignore[arg-type]
+                reply: Any = await self.waits.xread(streams, count=100, block=block_ms)  # type: ignore[arg-type]
             except REDIS_ERRORS as e:
                 raise Unavailable(f"the job queue is unavailable: {e}") from None
             if not reply:

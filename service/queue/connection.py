@@ -37,6 +37,10 @@ _UNAVAILABLE_PREFIXES = (
 )
 
 
+POOL_WAIT_S = 5.0  # how long a gateway request waits for a free Redis connection
+COMMAND_CONNECTIONS = 64  # the gateway's pool for commands (its blocking reads have their own)
+
+
 def unavailable(e: BaseException) -> bool:
     """Whether a Redis error means "try again later" (also as a script's error, which keeps its code)."""
     if isinstance(e, UNAVAILABLE_ERRORS):
@@ -85,12 +89,21 @@ def client_for(settings: QueueSettings, socket_timeout_s: float = 10.0) -> redis
     )
 
 
-def async_client_for(settings: QueueSettings, socket_timeout_s: float = 30.0) -> redis.asyncio.Redis:
-    """The asyncio client (the gateway's waits block on XREAD: the timeout outlasts them)."""
+def async_client_for(
+    settings: QueueSettings, socket_timeout_s: float = 30.0, *, max_connections: int | None = None
+) -> redis.asyncio.Redis:
+    """An asyncio client whose pool holds at most `max_connections` (default: the setting
+    `redis_max_connections`); with one URL a command past it waits up to `POOL_WAIT_S` for a connection
+    to come back before it fails (redis-py's default pool, 100, answered "Too many connections" at
+    once). The gateway keeps two: a small pool for commands, so that a burst reuses a few connections
+    instead of opening one per request, and a large one for the blocking reads each waiting request
+    holds (their socket timeout outlasts them)."""
     options = _options(socket_timeout_s)
     options["retry"] = redis.asyncio.retry.Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+    options["max_connections"] = max_connections or settings.redis_max_connections
     if settings.redis_sentinels:
         hosts = _sentinel_hosts(settings.redis_sentinels)
         sentinel = redis.asyncio.sentinel.Sentinel(hosts, socket_timeout=2.0)
         return sentinel.master_for(settings.redis_master, redis_class=redis.asyncio.Redis, **options)
-    return redis.asyncio.Redis.from_url(settings.redis_url, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(settings.redis_url, timeout=POOL_WAIT_S, **options)
+    return redis.asyncio.Redis.from_pool(pool)  # closing the client closes its pool
