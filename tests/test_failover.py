@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.queue.connection import NotReplicated
+from service.queue.connection import NotReplicated, unavailable
 from service.queue.delivery import WorkerQueue
 from service.queue.store import JobStore
 from service.settings import queue_settings
@@ -62,5 +62,35 @@ def test_accepted_jobs_survive_the_loss_of_the_primary(tmp_path: Path) -> None:
     finally:
         for sentinel in sentinels:
             sentinel.kill()
+        replica.kill()
+        primary.kill()
+
+
+def test_a_replay_on_a_demoted_primary_is_unavailable_and_reconnects(tmp_path: Path) -> None:
+    """A client still connected to a primary that became a replica: a retried enqueue (same
+    Idempotency-Key) only reads there and succeeds, then its WAIT is refused ("WAIT cannot be used
+    with replica instances"): that is 'unavailable' (a 503 with the ids, not a 500), and the pool drops
+    its connections, so the next call reaches the primary again (through Sentinel in production)."""
+    primary = RedisServer(tmp_path / "primary")
+    primary.start()
+    replica = RedisServer(tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(primary.port)))
+    replica.start()
+    try:
+        wait_until(
+            lambda: replica.client().info("replication")["master_link_status"] == "up", 20, "replication"
+        )
+        on_primary = JobStore.from_settings(queue_settings(redis_url=primary.url, redis_min_replicas=1))
+        [job_id] = on_primary.enqueue_many(MODEL, [SPEC], owner="o", idempotency_key="k")
+        wait_until(lambda: replica.client().exists(f"ldm:job:{job_id}"), 10, "the job on the replica")
+        on_replica = JobStore.from_settings(queue_settings(redis_url=replica.url, redis_min_replicas=1))
+        connection = on_replica.redis.client_id()  # the pooled connection the enqueue then takes
+        with pytest.raises(redis.ResponseError) as refused:
+            on_replica.enqueue_many(MODEL, [SPEC], owner="o", idempotency_key="k")
+        assert unavailable(refused.value)
+        checker = replica.client()  # as the replica sees it: the store's connection is gone
+        wait_until(
+            lambda: all(int(c["id"]) != connection for c in checker.client_list()), 5, "the store to hang up"
+        )
+    finally:
         replica.kill()
         primary.kill()

@@ -6,11 +6,13 @@ and wait their turn for a connection instead of opening one each."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from service.gateway.errors import Unavailable
 from service.gateway.job_service import JobService
 from service.ldm.request import GenerationRequest
 from service.queue.connection import async_client_for
@@ -53,3 +55,50 @@ def test_many_waiting_requests_and_a_burst_of_commands(server: RedisServer) -> N
     assert waited == [False] * WAITERS  # each timed out waiting, none failed for want of a connection
     assert len(submitted) == 100 and all(len(ids) == 1 for ids in submitted)
     assert held <= WAITERS + 8  # a connection per waiter, and the commands' 8 (not one per submit)
+
+
+def test_wait_follows_the_enqueue_on_its_connection(server: RedisServer) -> None:
+    """WAIT counts the writes of its own connection: with LDM_REDIS_MIN_REPLICAS, each enqueue's WAIT
+    goes on the connection that ran the script, right after it, even with many submits at once
+    (sent apart, a pooled connection could confirm another request's writes). No replica here: each
+    submit is answered 503 (not replicated); what Redis saw is what counts."""
+    settings = QueueSettings(redis_url=server.url, redis_min_replicas=1, redis_wait_ms=10)
+    seen: list[tuple[str, str]] = []
+    monitoring = threading.Event()
+
+    def monitor() -> None:
+        with server.client().monitor() as m:
+            monitoring.set()
+            for command in m.listen():
+                peer = f"{command['client_address']}:{command['client_port']}"
+                name = command["command"].split(" ", 1)[0].upper()
+                seen.append((peer, name))
+                if name == "ECHO" and "the end" in command["command"]:
+                    return
+
+    async def scenario() -> None:
+        commands = async_client_for(settings, max_connections=8)
+        jobs = JobService(JobStore.from_settings(settings), commands, 1)
+        try:
+            request = GenerationRequest(prompt="a red circle", steps=2, seed=1)
+            tries = [jobs.submit("tiny", [request], "owner") for _ in range(40)]
+            reads = [commands.get(f"other-{i}") for i in range(200)]  # other requests' commands
+            answers = await asyncio.gather(*tries, *reads, return_exceptions=True)
+            assert all(isinstance(a, Unavailable) for a in answers[:40]), answers
+        finally:
+            await jobs.close()
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    monitoring.wait(5)
+    asyncio.run(scenario())
+    server.client().echo("the end")
+    watcher.join(10)
+    last: dict[str, str] = {}
+    waits = 0
+    for peer, name in seen:
+        if name == "WAIT":
+            waits += 1
+            assert last.get(peer) == "EVALSHA", (peer, last.get(peer))
+        last[peer] = name
+    assert waits == 40

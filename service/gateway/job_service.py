@@ -34,6 +34,7 @@ from ..queue.store import (
     BacklogFull,
     JobStore,
     job_state,
+    on_replica,
     text,
     unavailable,
 )
@@ -104,12 +105,13 @@ class JobService:
             model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
         )
         try:
-            reply = await self._enqueue(keys=call.keys, args=call.args)
-            job_ids = call.result(reply)
             if self.store.min_replicas:  # an answered job survives the loss of the primary
-                self.store.replicated(
-                    await self.client.wait(self.store.min_replicas, self.store.replica_wait_ms)
-                )
+                reply, acked = await self._enqueue_and_wait(call.keys, call.args)
+                job_ids = call.result(reply)
+                self.store.replicated(acked)
+            else:
+                reply = await self._enqueue(keys=call.keys, args=call.args)
+                job_ids = call.result(reply)
             backlog = call.backlog_after(reply)
             if backlog is not None and backlog >= call.max_backlog:  # full now: the next ones are refused
                 self.admission.refused(model, self._full(model, backlog))
@@ -142,6 +144,26 @@ class JobService:
                 job_ids,
             ) from None
         return job_ids
+
+    async def _enqueue_and_wait(self, call_keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """The enqueue script and WAIT in one pipeline: WAIT counts the writes of its own connection,
+        so sent apart (each command takes a pooled connection) it could confirm some other
+        request's writes, or none, and answer at once."""
+        for attempt in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._enqueue.sha, len(call_keys), *call_keys, *args)
+                pipe.wait(self.store.min_replicas, self.store.replica_wait_ms)
+                reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, redis.exceptions.NoScriptError) and attempt == 0:
+                await self.client.script_load(SCRIPTS["enqueue"])  # Redis lost its script cache
+                continue
+            for answer in (reply, acked):
+                if isinstance(answer, Exception):
+                    if on_replica(answer):  # a read-only replay ran on a demoted primary: reconnect
+                        await self.client.connection_pool.disconnect()
+                    raise answer
+            return reply, int(acked)
+        raise AssertionError("unreachable")
 
     async def _remember(self, owner: str, job_ids: list[str]) -> None:
         """Adds the jobs to the owner's set; entries older than a job's records are dropped with them."""

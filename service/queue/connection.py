@@ -34,7 +34,9 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 _UNAVAILABLE_PREFIXES = (
     *("OOM", "MISCONF", "READONLY", "LOADING"),
     *("MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "BUSY"),
+    "WAIT cannot be used with replica",  # a primary demoted under the connection: follow the failover
 )
+_ON_REPLICA = "WAIT cannot be used with replica"
 
 
 POOL_WAIT_S = 5.0  # how long a gateway request waits for a free Redis connection
@@ -46,6 +48,12 @@ def unavailable(e: BaseException) -> bool:
     if isinstance(e, UNAVAILABLE_ERRORS):
         return True
     return isinstance(e, redis.ResponseError) and str(e).startswith(_UNAVAILABLE_PREFIXES)
+
+
+def on_replica(e: BaseException) -> bool:
+    """WAIT refused: the connection is to a replica (a primary demoted under it, Sentinel's failover),
+    where a script that only read (an idempotent replay) succeeded; its pool must reconnect."""
+    return isinstance(e, redis.ResponseError) and str(e).startswith(_ON_REPLICA)
 
 
 class NotReplicated(redis.exceptions.ConnectionError):

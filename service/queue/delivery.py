@@ -248,12 +248,20 @@ class WorkerQueue:
             ],
         )
         calls = [] if progress is None else [self._progress_call(lease, *progress)]
-        reply = text(self._pipelined([*calls, finish])[-1])
-        if self.min_replicas and reply == "ok":
-            acked = int(self.redis.wait(self.min_replicas, self.replica_wait_ms))
-            if acked < self.min_replicas:  # a failover now could lose it: the job would run again
-                wanted = self.min_replicas
-                log.warning("job %s: result confirmed by %d of %d replicas", lease.job_id, acked, wanted)
+        if not self.min_replicas:
+            return text(self._pipelined([*calls, finish])[-1])
+
+        # WAIT in the same pipeline: it counts the writes of its own connection.
+        def then(pipe: Pipeline) -> object:
+            return pipe.wait(self.min_replicas, self.replica_wait_ms)
+
+        replies = self._pipelined([*calls, finish], then)
+        reply, acked = text(replies[len(calls)]), replies[-1]
+        if isinstance(acked, Exception):
+            raise acked
+        if reply == "ok" and int(acked) < self.min_replicas:  # a failover now could lose it: run again
+            wanted = self.min_replicas
+            log.warning("job %s: result confirmed by %d of %d replicas", lease.job_id, acked, wanted)
         return reply
 
     def _progress_call(self, lease: Lease, step: int, steps: int) -> Call:
@@ -322,8 +330,9 @@ class WorkerQueue:
 
         EVALSHA is sent directly: redis-py's pipelined Script objects ask SCRIPT EXISTS first, a
         second round trip on every call. A NOSCRIPT reply (Redis restarted with an empty script
-        cache) loads the script and runs the calls that got it again. Script errors are raised;
-        the replies of what `then` added are returned as they came, errors included.
+        cache) loads the script and runs the calls that got it again, then what `then` adds again
+        (a WAIT must follow the writes). Script errors are raised; the replies of what `then` added
+        are returned as they came, errors included.
         """
         pipe = self.redis.pipeline(transaction=False)
         for script, call_keys, args in calls:
@@ -341,8 +350,13 @@ class WorkerQueue:
             for i in missing:
                 script, call_keys, args = calls[i]
                 pipe.evalsha(self._scripts[script].sha, len(call_keys), *call_keys, *args)
-            for i, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+            if then is not None:  # again: what it adds (WAIT) may be about the calls' writes
+                then(pipe)
+            again: list[Any] = pipe.execute(raise_on_error=False)
+            for i, reply in zip(missing, again, strict=False):
                 replies[i] = reply
+            if then is not None:
+                replies[len(calls) :] = again[len(missing) :]
         for reply in replies[: len(calls)]:
             if isinstance(reply, Exception):
                 raise reply

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from redis.commands.core import Script
 
 from ..ldm.request import GenerationRequest
 from . import keys
-from .connection import UNAVAILABLE_ERRORS, NotReplicated, client_for, connect, unavailable
+from .connection import UNAVAILABLE_ERRORS, NotReplicated, client_for, connect, on_replica, unavailable
 from .inputs import decode_inputs, request_from, shared_specs
 from .scripts import SCRIPTS
 from .states import JobState, JobStatus, Webhook
@@ -29,6 +30,7 @@ __all__ = [
     "JobStore",
     "backlog",
     "connect",
+    "on_replica",
     "text",
     "unavailable",
 ]
@@ -173,14 +175,30 @@ class JobStore:
         Retrying is safe: with the same `job_ids`, or the same `idempotency_key` (per owner, kept
         `idempotency_ttl_s`), nothing is added twice and the first call's ids come back."""
         call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key, webhook)
-        ids = call.result(self._enqueue(keys=call.keys, args=call.args))
-        self.wait_for_replicas()
-        return ids
+        return call.result(self._replicated_call(self._enqueue, call.keys, call.args))
 
-    def wait_for_replicas(self) -> None:
-        """NotReplicated when fewer replicas than `min_replicas` confirm the writes so far (WAIT)."""
-        if self.min_replicas:
-            self.replicated(int(self.redis.wait(self.min_replicas, self.replica_wait_ms)))
+    def _replicated_call(self, script: Script, call_keys: list[str], args: list[Any]) -> Any:
+        """Runs the script; with `min_replicas`, WAIT follows it on the same connection (WAIT counts
+        its own connection's writes: sent apart, a pooled connection shared by threads could confirm
+        another call's writes) and NotReplicated says when too few replicas confirmed them."""
+        if not self.min_replicas:
+            return script(keys=call_keys, args=args)
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(call_keys), *call_keys, *args)
+            pipe.wait(self.min_replicas, self.replica_wait_ms)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, redis.exceptions.NoScriptError) and attempt == 0:
+                self.redis.script_load(script.script)  # Redis lost its script cache
+                continue
+            for answer in (reply, acked):
+                if isinstance(answer, Exception):
+                    if on_replica(answer):  # a read-only replay ran on a demoted primary: reconnect
+                        self.redis.connection_pool.disconnect()
+                    raise answer
+            self.replicated(int(acked))
+            return reply
+        raise AssertionError("unreachable")
 
     def replicated(self, acked: int) -> None:
         if acked < self.min_replicas:
@@ -250,12 +268,12 @@ class JobStore:
         if model is None:
             return None
         reply = text(
-            self._cancel(
-                keys=[keys.jobs(text(model)), keys.job(job_id), keys.events(job_id)],
-                args=[keys.GROUP, time.time(), self.result_ttl_s],
+            self._replicated_call(
+                self._cancel,
+                [keys.jobs(text(model)), keys.job(job_id), keys.events(job_id)],
+                [keys.GROUP, time.time(), self.result_ttl_s],
             )
         )
-        self.wait_for_replicas()
         if reply == "missing":
             return None
         return JobStatus.CANCELLED if reply == "ok" else JobStatus(reply)
