@@ -7,7 +7,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -123,3 +125,16 @@ class SentinelServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """The predicate's first truthy value, polled every 0.1 s (Redis errors count as not yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if value := predicate():
+                return value
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(what)

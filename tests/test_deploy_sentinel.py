@@ -7,7 +7,6 @@ fails over as they say."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import redis
 from service.settings import queue_settings
 
 from .deploy_files import DEPLOY, named, one, render
-from .redis_server import REDIS_SERVER, free_port
+from .redis_server import REDIS_SERVER, free_port, wait_until
 
 OVERLAY = DEPLOY / "k8s" / "overlays" / "prod-ha"
 
@@ -78,18 +77,6 @@ def start(args: list[str], folder: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([REDIS_SERVER, *args], stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait(predicate: Any, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError
-
-
 @pytest.mark.slow
 def test_the_shipped_configs_run_and_fail_over(tmp_path: Path) -> None:
     """redis.conf for a primary and a replica, sentinel.conf (as start-sentinel.sh fills it in, with
@@ -111,8 +98,10 @@ def test_the_shipped_configs_run_and_fail_over(tmp_path: Path) -> None:
             )
             processes.append(start(args, folder))
         primary, replica = clients[:] = [redis.Redis(port=p, socket_timeout=2) for p in ports]
-        assert wait(lambda: primary.config_get("appendfsync")["appendfsync"] == "always", 10)
-        wait(lambda: replica.info("replication")["master_link_status"] == "up", 20)
+        assert wait_until(
+            lambda: primary.config_get("appendfsync")["appendfsync"] == "always", 10, "appendfsync always"
+        )
+        wait_until(lambda: replica.info("replication")["master_link_status"] == "up", 20, "replication")
         template = (OVERLAY / "sentinel.conf").read_text()
         sentinel_ports = [free_port() for _ in range(3)]
         for i, port in enumerate(sentinel_ports):
@@ -128,10 +117,18 @@ def test_the_shipped_configs_run_and_fail_over(tmp_path: Path) -> None:
             processes.append(start([str(folder / "sentinel.conf"), "--sentinel"], folder))
         sentinel = redis.Redis(port=sentinel_ports[0], socket_timeout=2)
         clients.append(sentinel)
-        wait(lambda: int(sentinel.sentinel_master("ldm")["num-other-sentinels"]) == 2, 20)
+        wait_until(
+            lambda: int(sentinel.sentinel_master("ldm")["num-other-sentinels"]) == 2,
+            20,
+            "the sentinels to find each other",
+        )
         processes[0].kill()
-        wait(lambda: replica.info("replication")["role"] == "master", 30)
-        wait(lambda: int(sentinel.sentinel_get_master_addr_by_name("ldm")[1]) == ports[1], 10)
+        wait_until(lambda: replica.info("replication")["role"] == "master", 30, "a failover")
+        wait_until(
+            lambda: int(sentinel.sentinel_get_master_addr_by_name("ldm")[1]) == ports[1],
+            10,
+            "the sentinels to name the new primary",
+        )
     finally:
         for client in clients:
             client.close()

@@ -4,7 +4,6 @@ loses none of them: Sentinel promotes the replica and the service's clients foll
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,10 @@ from service.queue.delivery import WorkerQueue
 from service.queue.store import JobStore
 from service.settings import queue_settings
 
-from .redis_server import RedisServer, SentinelServer
+from .redis_server import RedisServer, SentinelServer, wait_until
 from .test_queue import MODEL, SPEC
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def test_accepted_jobs_survive_the_loss_of_the_primary(tmp_path: Path) -> None:
