@@ -45,7 +45,12 @@ def test_an_idempotency_key_enqueues_once(stack: tuple[RedisServer, GatewayProce
     first = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, headers=headers)
     again = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY, headers=headers)
     assert first.status_code == again.status_code == 202
-    assert [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in first.json()["jobs"]]
+    assert again.json()["jobs"] == first.json()["jobs"]  # the same ids, and the seeds they run with
+    assert server.client().xlen(keys.jobs("tiny")) == 2
+    # The key reused with another body (n = 3, no seed: a new random one): still the first call's
+    # jobs and seeds (was a 500: three seeds against two ids).
+    other = httpx.post(f"{gateway.url}/v1/txt2img", json=BODY | {"n": 3}, headers=headers)
+    assert other.status_code == 202 and other.json()["jobs"] == first.json()["jobs"], other.text
     assert server.client().xlen(keys.jobs("tiny")) == 2
     with grpc.insecure_channel(gateway.grpc_target) as channel:  # the same on gRPC (metadata)
         stub = pb_grpc.ImagesStub(channel)

@@ -35,12 +35,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 def test_many_waiting_requests_and_a_burst_of_commands(server: RedisServer) -> None:
     settings = QueueSettings(redis_url=server.url, max_backlog=10_000)
 
-    async def scenario() -> tuple[list[bool], list[list[str]], int]:
+    async def scenario() -> tuple[list[bool], list[tuple[list[str], bool]], int]:
         commands = async_client_for(settings, max_connections=8)
         jobs = JobService(JobStore.from_settings(settings), commands, 1, waits=async_client_for(settings))
         try:
             request = GenerationRequest(prompt="a red circle", steps=2, seed=1)
-            ids = [await jobs.submit("tiny", [request], "owner") for _ in range(WAITERS)]
+            ids = [(await jobs.submit("tiny", [request], "owner"))[0] for _ in range(WAITERS)]
             # Every waiter blocks on its own connection; nothing runs the jobs, so each times out.
             waits = [jobs.wait(job_ids, 1.5) for job_ids in ids]
             # Meanwhile a burst of submits shares the 8 command connections.
@@ -53,7 +53,7 @@ def test_many_waiting_requests_and_a_burst_of_commands(server: RedisServer) -> N
 
     waited, submitted, held = asyncio.run(scenario())
     assert waited == [False] * WAITERS  # each timed out waiting, none failed for want of a connection
-    assert len(submitted) == 100 and all(len(ids) == 1 for ids in submitted)
+    assert len(submitted) == 100 and all(len(ids) == 1 and not replayed for ids, replayed in submitted)
     assert held <= WAITERS + 8  # a connection per waiter, and the commands' 8 (not one per submit)
 
 

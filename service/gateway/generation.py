@@ -137,10 +137,12 @@ class Gateway:
                     await check_url(webhook.url, self.settings.webhook_allow)
                 if request.refiner is not None:
                     await self._check_refiner(info, request.refiner)
-                job_ids = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
+                job_ids, replayed = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
         except (InvalidField, NotFound, UnknownLora, QueueFull, QueueBytesFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
+        if replayed:  # the same Idempotency-Key: the first call's jobs, with the seeds they were given
+            return Submission(job_ids[0], name, job_ids, await self.jobs.seeds(job_ids), received)
         self.metrics.submitted.labels(name).inc(len(job_ids))
         return Submission(job_ids[0], name, job_ids, [int(r.seed or 0) for r in requests], received)
 

@@ -97,10 +97,11 @@ class JobService:
         owner: str,
         idempotency_key: str = "",
         webhook: Webhook | None = None,
-    ) -> list[str]:
+    ) -> tuple[list[str], bool]:
         """Enqueues all the requests or none, in one atomic script call on the asyncio client (no
         thread: a burst of refusals costs one round trip each); 429 when the backlog has no room for
-        its jobs, 503 when it has none for their bytes."""
+        its jobs, 503 when it has none for their bytes. Returns the job ids, and whether they are an
+        earlier call's (the same Idempotency-Key: nothing was enqueued)."""
         call = self.store.enqueue_call(
             model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
         )
@@ -143,7 +144,15 @@ class JobService:
                 f" follow /v1/jobs/{job_ids[0]}",
                 job_ids,
             ) from None
-        return job_ids
+        return job_ids, job_ids != call.job_ids
+
+    async def seeds(self, job_ids: list[str]) -> list[int]:
+        """The seeds the jobs were enqueued with (0 for a job whose records have expired)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.job(job_id), "spec")
+            specs = await pipe.execute()
+        return [int(json.loads(spec).get("seed") or 0) if spec else 0 for spec in specs]
 
     async def _enqueue_and_wait(self, call_keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """The enqueue script and WAIT in one pipeline: WAIT counts the writes of its own connection,
