@@ -95,26 +95,43 @@ class Upsample(nn.Module):
 
 class TimestepSequential(nn.ModuleList):
     """A list of layers applied in turn, each given what it needs (openaimodel's
-    `TimestepEmbedSequential`): ResBlocks the time embedding, transformers the context."""
+    `TimestepEmbedSequential`): ResBlocks the time embedding, transformers the context. `start` and
+    `stop` run a part of the list (the UNet's shared prefix ends inside a block)."""
 
     def forward(
         self,
         x: Tensor,
         emb: Tensor,
-        context: Tensor,
+        context: Tensor | None,
         mask: Tensor | None,
         out_size: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Tensor:
-        for layer in self:
+        for i, layer in enumerate(self):
+            if i < start or (stop is not None and i >= stop):
+                continue
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
+                assert context is not None, "a transformer needs the context"
                 x = layer(x, context, mask)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
                 x = layer(x)
         return x
+
+
+def prefix_end(blocks: nn.ModuleList) -> tuple[int, int]:
+    """(block, layer) of the first layer of the input blocks that reads the context: everything
+    before it depends on x, t and y only. (len(blocks), 0) when none does."""
+    for i, block in enumerate(blocks):
+        assert isinstance(block, TimestepSequential)
+        for j, layer in enumerate(block):
+            if isinstance(layer, SpatialTransformer):
+                return i, j
+    return len(blocks), 0
 
 
 class UNet(nn.Module):
@@ -184,6 +201,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepSequential(layers))
 
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.prefix_end = prefix_end(self.input_blocks)  # where `head` stops
 
     def forward(
         self,
@@ -192,17 +210,33 @@ class UNet(nn.Module):
         context: Tensor,
         context_mask: Tensor | None = None,
         y: Tensor | None = None,
+        expand: Tensor | None = None,
     ) -> Tensor:
         """x (B, in_channels, h, w), any h and w (upsampling follows the skips' sizes, as diffusers);
         t (B,) float timesteps (one per sample, fractional allowed); context (B, L, context_dim);
         context_mask (B, L) bool, True = a real token, False = padding (every row needs at least one
         True); y (B, adm_in_channels) SDXL's added vector, one per row, or (B,) integer classes (the x4
         upscaler's noise levels). -> (B, out_channels, h, w).
+
+        `expand` (B,) int64: rows that share x, t and y (a classifier-free-guidance pair) are given
+        once. x, t and y then have U <= B unique rows, and row i of the batch is row expand[i] of
+        them: the layers before the first transformer (`head`) run on the U rows, the rest on B.
         """
-        if t.ndim != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if expand is not None and (expand.ndim != 1 or expand.shape[0] != context.shape[0]):
+            raise ValueError(f"expand must have shape ({context.shape[0]},), got {tuple(expand.shape)}")
         if context_mask is not None and context_mask.dtype != torch.bool:
             raise ValueError("context_mask must be a bool tensor (True = attend)")
+        prefix = self.head(x, t, y)
+        if expand is not None:
+            prefix = expand_rows(prefix, expand)
+        return self.tail(prefix, context, context_mask)
+
+    def head(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Prefix:
+        """The layers before the first that reads the context (conv_in, the time embedding, the
+        ResBlocks and downsamplings before the first transformer): their activation, the time
+        embedding and the skip connections so far."""
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         if (y is None) != (self.label_emb is None):
             raise ValueError("y is needed exactly when the UNet has label_emb (SDXL, the x4 upscaler)")
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
@@ -216,10 +250,23 @@ class UNet(nn.Module):
                     f"y must have shape ({x.shape[0]}, {self.cfg.adm_in_channels}), got {tuple(y.shape)}"
                 )
             emb = emb + self.label_emb(y.to(x.dtype))  # (B, 4*mc)
+        end, layer = self.prefix_end
         skips: list[Tensor] = []
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
+        for block in self.input_blocks[:end]:
+            h = block(h, emb, None, None)
+            skips.append(h)
+        if layer:
+            h = self.input_blocks[end](h, emb, None, None, stop=layer)
+        return h, emb, skips
+
+    def tail(self, prefix: Prefix, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """The rest of the network from `head`'s output, one row per row of the context."""
+        h, emb, skips = prefix
+        skips = list(skips)
+        end, layer = self.prefix_end
+        for i in range(end, len(self.input_blocks)):
+            h = self.input_blocks[i](h, emb, context, context_mask, start=layer if i == end else 0)
             skips.append(h)
         h = self.middle_block(h, emb, context, context_mask)
         for block in self.output_blocks:
@@ -227,3 +274,14 @@ class UNet(nn.Module):
             out_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
             h = block(h, emb, context, context_mask, out_size)
         return self.out(h)
+
+
+# `UNet.head`'s output: the activation where the prefix ends, the time embedding, the skips so far.
+Prefix = tuple[Tensor, Tensor, list[Tensor]]
+
+
+def expand_rows(prefix: Prefix, expand: Tensor) -> Prefix:
+    """Row i of the result is row expand[i] of the prefix (in its memory format: advanced indexing
+    keeps channels-last, `index_select` would not)."""
+    h, emb, skips = prefix
+    return h[expand], emb[expand], [s[expand] for s in skips]
