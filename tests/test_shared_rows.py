@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.ldm.attention import CrossAttention
 from service.ldm.engine import Engine
 from service.ldm.request import GenerationRequest
 from service.ldm.unet import UNet
@@ -97,3 +98,48 @@ def test_the_unet_with_expand_equals_it_on_every_row(kind: str) -> None:
         shared = unet(x, t, context, y=y, expand=expand)
         plain = unet(x[expand], t[expand], context, y=None if y is None else y[expand])
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_keys_and_values_are_reused_while_the_prompts_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch stacks the same context tensor again while its rows' prompts are the same, and each
+    cross-attention layer then reuses its keys and values: fewer projections, the same numbers."""
+    engine = engine_on("cpu", tmp_path)
+    projections: list[int] = []
+    layer = engine.unet.input_blocks[1][1].transformer_blocks[0].attn2  # type: ignore[index]
+    layer.to_k.register_forward_hook(lambda *_: projections.append(1))
+
+    def run() -> dict[tuple[int, int], Tensor]:
+        plan = [  # a CFG pair and a guidance-1 member, a third joining at step 3; 6 steps each
+            GenerationRequest(prompt="a red circle", negative_prompt="blue", steps=6, seed=1),
+            GenerationRequest(prompt="a cat", steps=6, seed=2, guidance_scale=1.0),
+            GenerationRequest(prompt="a dog", steps=6, seed=3, guidance_scale=3.0),
+        ]
+        members = [
+            engine.prepare(engine.resolve(r.model_copy(update={"width": 32, "height": 32})), i)[0]
+            for i, r in enumerate(plan)
+        ]
+        batch = engine.new_batch()
+        batch.add(members[0])
+        batch.add(members[1])
+        seen: dict[tuple[int, int], Tensor] = {}
+        for step in range(9):
+            if step == 3:
+                batch.add(members[2])
+            batch.step()
+            for m in members:
+                seen[(int(m.key), m.steps_done)] = m.x.clone()  # type: ignore[call-overload]
+        return seen
+
+    cached = run()
+    reused = len(projections)
+    projections.clear()
+    monkeypatch.setattr(
+        CrossAttention, "_keys_values", lambda self, ctx, cache: (self.to_k(ctx), self.to_v(ctx))
+    )
+    fresh = run()
+    # Once per change of the batch's rows (start, the join, the first two leaving), not at every step.
+    assert (reused, len(projections)) == (3, 9)
+    for key, x in fresh.items():
+        torch.testing.assert_close(cached[key], x, atol=0, rtol=0, msg=f"member {key[0]} step {key[1]}")

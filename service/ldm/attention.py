@@ -7,10 +7,12 @@ BasicTransformerBlock, CrossAttention), as in unet.py.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.ldm.norms import norm
+from service.ldm.upsample import write_count
 
 
 class CrossAttention(nn.Module):
@@ -25,19 +27,47 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
+        # The last context's keys and values (`_keys_values`): a batch's context is one tensor for
+        # as long as its rows' prompts stay the same (DenoisingBatch), so most steps reuse them.
+        self._kv_source: tuple[Tensor, ...] | None = None
+        self._kv_stamp: tuple[int, int] = (0, 0)
+        self._kv: tuple[Tensor, Tensor] | None = None
+
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x (B, N, query_dim); context (B, L, context_dim); mask (B, L) bool, True = attend."""
-        ctx = x if context is None else context
         B, N, _ = x.shape
-        L = ctx.shape[1]
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.to_k(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
-        v = self.to_v(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        k, v = self._keys_values(x if context is None else context, cache=context is not None)
+        L = k.shape[1]
+        k = k.view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        v = v.view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
         # Padding tokens get probability exactly 0, so a padded prompt attends as the unpadded one.
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d), scale d^-0.5
         out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, heads * d)
         return self.to_out(out)
+
+    def _keys_values(self, ctx: Tensor, cache: bool) -> tuple[Tensor, Tensor]:
+        """to_k(ctx), to_v(ctx), (B, L, inner) each; those of the last call when `ctx` is the same
+        tensor and the projections unchanged. Not cached: self-attention, a compiled graph (where
+        they are a part of the graph), training, and per-row LoRA deltas on the projections."""
+        wk, wv = self.to_k.weight, self.to_v.weight
+        lora = getattr(self.to_k, "lora_runtime", None) or getattr(self.to_v, "lora_runtime", None)
+        if (
+            not cache
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and wk.requires_grad)
+            or (lora is not None and lora.groups)
+        ):
+            return self.to_k(ctx), self.to_v(ctx)
+        stamp = (write_count(wk), write_count(wv))
+        source = self._kv_source
+        if source is None or source[0] is not ctx or source[1] is not wk or source[2] is not wv:
+            source = None
+        if source is None or stamp != self._kv_stamp or self._kv is None:
+            self._kv = (self.to_k(ctx), self.to_v(ctx))
+            self._kv_source, self._kv_stamp = (ctx, wk, wv), stamp
+        return self._kv
 
 
 class GEGLU(nn.Module):

@@ -52,7 +52,7 @@ class PhaseWeights:
         # In a compiled graph frozen weights fold this at compile time; in training it is differentiated.
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
             return phase_weight(w), None if b is None else b.repeat(4)
-        stamp = (_version(w), _version(b))
+        stamp = (write_count(w), write_count(b))
         source = self._source
         if source is None or source[0] is not w or source[1] is not b or stamp != self._stamp:
             pw = phase_weight(w.detach())
@@ -64,7 +64,7 @@ class PhaseWeights:
         return self._value
 
 
-def _version(t: Tensor | None) -> int:
+def write_count(t: Tensor | None) -> int:
     """How often a tensor was written in place (-1: none, or an inference tensor, which has no
     counter and cannot be written outside inference mode)."""
     if t is None:
