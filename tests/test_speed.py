@@ -21,7 +21,7 @@ from service.ldm.engine import Engine
 from service.ldm.request import GenerationRequest
 from service.ldm.unet_runner import bucket, resolve_dtype
 from service.paths import bundled_model
-from service.worker.warmup import buckets_for, warm_up
+from service.worker.warmup import buckets_for, shared_buckets_for, warm_up
 
 from .tiny import tiny_config, write_sd_checkpoint, write_tokenizer
 
@@ -88,16 +88,21 @@ def test_channels_last_keeps_the_numbers(sd1_path: Path) -> None:
 
 
 class RowCounter(torch.nn.Module):
-    """Stands in for the compiled UNet: the eager one, counting the rows it is called with."""
+    """Stands in for the compiled UNet: the eager one, counting the rows it is called with (those of
+    the context) and the unique rows among them (those of x: fewer when CFG pairs share them)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
         self.rows: list[int] = []
+        self.unique: list[int] = []
 
-    def forward(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        self.rows.append(x.shape[0])
-        return self.unet(x, *args)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *args: torch.Tensor | None
+    ) -> torch.Tensor:
+        self.rows.append(context.shape[0])
+        self.unique.append(x.shape[0])
+        return self.unet(x, t, context, *args)
 
 
 def test_padding_rows_never_show(sd1_path: Path) -> None:
@@ -110,6 +115,7 @@ def test_padding_rows_never_show(sd1_path: Path) -> None:
     expected = latents_by_step(plain, requests(4, steps=2))
     got = latents_by_step(padded, requests(4, steps=2))
     assert set(counter.rows) <= {1, 2, 4, 8} and 8 in counter.rows  # 7 rows -> 8, ...
+    assert set(counter.unique) <= {1, 2, 4} and 4 in counter.unique  # ... of 4 members -> 4 unique
     for key, x in expected.items():
         torch.testing.assert_close(got[key], x, atol=1e-5, rtol=1e-5)
 
@@ -159,7 +165,8 @@ def test_bf16_on_the_cpu_stays_close_to_fp32_on_the_demo_model() -> None:
 
 def test_a_compiling_worker_compiles_every_bucket_before_its_first_job(sd1_path: Path) -> None:
     """With LDM_COMPILE the worker draws a 1-step image per bucket a batch of up to max_batch members
-    reaches (1 or 2 rows a member), so no graph compiles inside its loop at the native size."""
+    reaches (1 or 2 rows a member), and per (rows, unique rows) of batches with CFG pairs, so no graph
+    compiles inside its loop at the native size."""
     engine = Engine.load(sd1_path)
     engine.config = dataclasses.replace(engine.config, sample_size=32)  # a request's default size
     warm_up("tiny", engine, max_batch=3)  # not compiled: nothing to do
@@ -168,3 +175,7 @@ def test_a_compiling_worker_compiles_every_bucket_before_its_first_job(sd1_path:
     warm_up("tiny", engine, max_batch=3)
     assert buckets_for(3) == [1, 2, 4, 8] and buckets_for(1) == [1, 2]
     assert sorted(set(counter.rows)) == [1, 2, 4, 8]
+    # CFG pairs: (rows, unique rows) graphs, 2 of 1 (one pair), 4 of 2, 4 of 4 (3 members, 1 pair), 8 of 4.
+    assert list(shared_buckets_for(3)) == [(2, 1), (4, 2), (4, 4), (8, 4)]
+    graphs = set(zip(counter.rows, counter.unique, strict=True))
+    assert graphs == {(r, r) for r in (1, 2, 4, 8)} | set(shared_buckets_for(3))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.ldm.config import AutoencoderConfig
+from service.ldm.upsample import PhaseWeights, upsample_conv
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -90,14 +91,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
+    """Nearest-neighbour x2 then a 3x3 conv, computed without upsampling first (upsample.py)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.phases = PhaseWeights()  # the conv's kernels as four 2x2 ones (upsample.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv, self.phases)
 
 
 class MidBlock(nn.Module):

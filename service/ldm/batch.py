@@ -142,9 +142,16 @@ def _pad_contexts(contexts: list[Tensor]) -> tuple[Tensor, Tensor | None]:
 class DenoisingBatch:
     """Members in flight; `step()` advances each of them by one step of its own sampler."""
 
-    def __init__(self, denoiser: Denoiser) -> None:
+    def __init__(self, denoiser: Denoiser, *, share_rows: bool = True) -> None:
+        """`share_rows`: a CFG pair's two rows are one row of x for the UNet's layers before the
+        first transformer (`UNet.forward`'s `expand`); False: every row on its own, as before."""
         self.denoiser = denoiser
+        self.share_rows = share_rows
         self.members: dict[Hashable, Member] = {}
+        # Per denoiser, the rows' prompt embeddings of its last call and their stacked (context, mask):
+        # the same tensor again while they stay the same, so the UNet's cross-attention layers reuse
+        # their keys and values (attention.py).
+        self._stacked: dict[int, tuple[list[Tensor], Tensor, Tensor | None]] = {}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -186,30 +193,38 @@ class DenoisingBatch:
             self._advance_with(denoiser, members)
 
     def _advance_with(self, denoiser: Denoiser, active: list[Member]) -> None:
-        xs, sigmas, contexts, concats = [], [], [], []
-        text_embeds, time_ids, labels = [], [], []
+        # Rows of x (one per member: the two rows of a CFG pair see the same x, t and extra channels)
+        # and of everything else (one per branch); `expand` maps the latter to the former. SDXL's
+        # added vector differs within a pair (pooled text), so there every branch has a row of x.
+        share = self.share_rows and all(m.added is None and m.uncond_added is None for m in active)
+        xs, sigmas, concats, labels, expand = [], [], [], [], []
+        contexts, text_embeds, time_ids = [], [], []
         row_loras: list[tuple[tuple[LoraAdapter, float], ...]] = []
         for m in active:
             assert m.sampler is not None
             branches = (
                 [(m.cond, m.added)] if m.uncond is None else [(m.cond, m.added), (m.uncond, m.uncond_added)]
             )
-            for context, added in branches:
-                xs.append(m.x)
-                sigmas.append(m.sampler.sigma)
+            for i, (context, added) in enumerate(branches):
+                if i == 0 or not share:
+                    xs.append(m.x)
+                    sigmas.append(m.sampler.sigma)
+                    if m.concat is not None:
+                        concats.append(m.concat)
+                    if m.label is not None:
+                        labels.append(m.label)
+                expand.append(len(xs) - 1)
                 contexts.append(context)
                 row_loras.append(m.loras)
-                if m.concat is not None:
-                    concats.append(m.concat)
-                if m.label is not None:
-                    labels.append(m.label)
                 if added is not None:
                     text_embeds.append(added.text_embeds)
                     time_ids.append(added.time_ids)
-        x = torch.cat(xs)  # (rows, C, h, w)
-        sigma = torch.tensor(sigmas, dtype=torch.float32)  # (rows,), on the CPU: the denoiser moves it
-        context, context_mask = _pad_contexts(contexts)
+        x = torch.cat(xs)  # (unique rows, C, h, w)
+        sigma = torch.tensor(sigmas, dtype=torch.float32)  # (unique rows,), on the CPU: the denoiser moves it
+        context, context_mask = self._stack(denoiser, contexts)  # (rows, L, D)
         extra: dict[str, Any] = {}
+        if len(xs) < len(expand):
+            extra["expand"] = torch.tensor(expand, dtype=torch.int64)  # (rows,), on the CPU
         if concats:
             if len(concats) != len(xs):
                 raise ValueError("an inpainting model needs mask channels for every member")
@@ -217,13 +232,13 @@ class DenoisingBatch:
         if labels:
             if len(labels) != len(xs):
                 raise ValueError("an upscaler needs a noise level for every member")
-            extra["class_labels"] = torch.tensor(labels, dtype=torch.long)  # (rows,)
+            extra["class_labels"] = torch.tensor(labels, dtype=torch.long)  # (unique rows,)
         if context_mask is not None:
             extra["context_mask"] = context_mask
         if any(row_loras):  # only then: a plain UNet callable takes no `loras`
             extra["loras"] = row_loras
         if text_embeds:
-            if len(text_embeds) != len(xs):
+            if len(text_embeds) != len(expand):
                 raise ValueError("an SDXL model needs added conditioning for every member")
             extra["text_embeds"] = torch.cat(text_embeds)  # (rows, P)
             extra["time_ids"] = torch.cat(time_ids)  # (rows, n)
@@ -243,3 +258,17 @@ class DenoisingBatch:
             m.x = m.sampler.step(m.x, guided, m.generator)
             if m.blend is not None:
                 m.x = m.blend.apply(m.x, m.sampler.sigma, m.sampler.done)
+
+    def _stack(self, denoiser: Denoiser, contexts: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """`_pad_contexts(contexts)`, the last call's tensors when the rows' embeddings are the same
+        tensors in the same order (they are held here, so their ids are not reused meanwhile)."""
+        last = self._stacked.get(id(denoiser))
+        if (
+            last is not None
+            and len(last[0]) == len(contexts)
+            and all(a is b for a, b in zip(last[0], contexts, strict=True))
+        ):
+            return last[1], last[2]
+        context, mask = _pad_contexts(contexts)
+        self._stacked[id(denoiser)] = (contexts, context, mask)
+        return context, mask

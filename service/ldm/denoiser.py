@@ -45,8 +45,13 @@ class Denoiser:
             return sigma.new_ones(()).expand_as(sigma), -sigma, c_in
         return 1 / (sigma**2 + 1), -sigma * c_in, c_in
 
-    def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        """Denoise each batch member `x[i]` at its own noise level `sigma[i]`."""
+    def __call__(self, x: Tensor, sigma: Tensor, expand: Tensor | None = None, **cond: Any) -> Tensor:
+        """Denoise each batch member `x[i]` at its own noise level `sigma[i]`.
+
+        `expand` (B,) int64 on the CPU: x and sigma hold U unique rows and the output has B, row i
+        denoising x[expand[i]] with the i-th row of every `cond` (a classifier-free-guidance pair is
+        one row of x with two rows of context). The UNet gets `expand` too, as given: it computes
+        the layers that read no context once per unique row (`UNet.forward`)."""
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
         # Scalings and t in float32 whatever x is: a half-precision sigma would move t by several steps.
@@ -56,5 +61,9 @@ class Denoiser:
         t = self.schedule.sigma_to_t(sigma_cpu, quantize=self.quantize).to(x.device, non_blocking=True)
         sigma = sigma_cpu.to(x.device, non_blocking=True)
         c_skip, c_out, c_in = (c.to(x.dtype) for c in self.scalings(sigma))
-        out = self.unet(x * c_in, t, **cond)
-        return x * c_skip + out.to(x.dtype) * c_out
+        if expand is None:
+            out = self.unet(x * c_in, t, **cond)
+            return x * c_skip + out.to(x.dtype) * c_out
+        out = self.unet(x * c_in, t, expand=expand, **cond)
+        rows = expand.to(x.device, non_blocking=True)
+        return x[rows] * c_skip[rows] + out.to(x.dtype) * c_out[rows]

@@ -114,6 +114,8 @@ class Engine:
             self.lora_layers |= {(part, path): layer for path, layer in adaptable(encoder)}
         self.lora_names = LoraNames(self.config.unet, *_paths(self.lora_layers))
         self.unet_loras = LoraRuntime.of(self.unet, "unet")
+        # A CFG pair's rows computed once up to the UNet's first transformer (DenoisingBatch).
+        self.share_rows = True
 
     @classmethod
     def load(
@@ -155,7 +157,10 @@ class Engine:
         text_embeds: Tensor | None = None,
         time_ids: Tensor | None = None,
         class_labels: Tensor | None = None,
+        expand: Tensor | None = None,
     ) -> Tensor:
+        """The UNet's output for the rows of `context`; `expand` (rows,) on the CPU: x, t, concat and
+        class_labels hold the unique rows, and row i is x[expand[i]] (`DenoisingBatch`)."""
         if concat is not None:
             # (B, 4 + 1 + 4, h, w) for inpainting UNets, (B, 4 + 3, h, w) for the x4 upscaler
             x = torch.cat([x, concat.to(x.device, x.dtype)], dim=1)
@@ -163,10 +168,18 @@ class Engine:
         if text_embeds is not None and time_ids is not None:  # SDXL: per row, (B, adm_in_channels)
             y = added_vector(text_embeds.to(self.device), time_ids.to(self.device))
         groups = group_rows(loras, self.device, self.dtype) if loras else ()
+        x, context, t = x.to(self.dtype), context.to(self.dtype), t.to(self.device)
+        rows = None if expand is None else expand.to(self.device, non_blocking=True)
+        if groups and expand is not None and rows is not None:
+            # The head runs on the unique rows: its LoRA rows are those of each one's first row.
+            firsts = {int(u): i for i, u in reversed(list(enumerate(expand.tolist())))}
+            assert loras is not None
+            unique = group_rows([loras[firsts[u]] for u in range(len(firsts))], self.device, self.dtype)
+            scopes = (self.unet_loras.active(unique), self.unet_loras.active(groups))
+            return self.runner.split(x, t, context, context_mask, y, rows, scopes).float()
         with self.unet_loras.active(groups):
             # Per-row LoRA layers run eagerly: they change between calls, a compiled graph would not.
-            x, context = x.to(self.dtype), context.to(self.dtype)
-            out = self.runner(x, t.to(self.device), context, context_mask, y, eager=bool(groups))
+            out = self.runner(x, t, context, context_mask, y, rows, eager=bool(groups))
         return out.float()
 
     def load_lora(self, path: Path, name: str | None = None) -> LoraAdapter:
@@ -302,7 +315,7 @@ class Engine:
         return [image for image in images if image is not None]
 
     def new_batch(self) -> DenoisingBatch:
-        return DenoisingBatch(self.denoiser)
+        return DenoisingBatch(self.denoiser, share_rows=self.share_rows)
 
     # -- the whole thing --------------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.ldm.attention import SpatialTransformer
 from service.ldm.config import UNetConfig
+from service.ldm.norms import norm
+from service.ldm.upsample import PhaseWeights, upsample_conv
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -35,21 +38,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # (B, dim)
     return emb
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in float32 (openaimodel's `GroupNorm32`): means and
-    variances over whole feature maps lose too much precision in half precision."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-def norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    """32 groups as everywhere in the ADM/LDM code; ResBlocks use eps 1e-5, transformers 1e-6."""
-    return GroupNorm32(32, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
@@ -96,150 +84,54 @@ class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.phases = PhaseWeights()  # the conv's kernels for the exact x2 (upsample.py)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         # `size`: the next skip connection's (H, W), which is not 2x when a side was odd on the way down.
-        if size is None:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return upsample_conv(x, self.conv, self.phases)
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention; self-attention when no context is given (LDM eq. 3)."""
-
-    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        inner = heads * head_dim
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
-
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, N, query_dim); context (B, L, context_dim); mask (B, L) bool, True = attend."""
-        ctx = x if context is None else context
-        B, N, _ = x.shape
-        L = ctx.shape[1]
-        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.to_k(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
-        v = self.to_v(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
-        # Padding tokens get probability exactly 0, so a padded prompt attends as the unpadded one.
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d), scale d^-0.5
-        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, heads * d)
-        return self.to_out(out)
-
-
-class GEGLU(nn.Module):
-    """GELU-gated linear unit (Shazeer 2020): one projection gives both the value and the gate."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)  # 2 x (B, N, dim_out)
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class BasicTransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention to the context, GEGLU MLP."""
-
-    def __init__(
-        self, dim: int, heads: int, head_dim: int, context_dim: int, cross_only: bool = False
-    ) -> None:
-        super().__init__()
-        # cross_only: the first attention attends to the context too (the x4 upscaler's upper levels).
-        self.cross_only = cross_only
-        self.attn1 = CrossAttention(dim, context_dim if cross_only else dim, heads, head_dim)
-        self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        # The upscaler's upper levels: attn1 attends to the text as attn2 does.
-        x = x + (self.attn1(self.norm1(x), context, mask) if self.cross_only else self.attn1(self.norm1(x)))
-        x = x + self.attn2(self.norm2(x), context, mask)
-        return x + self.ff(self.norm3(x))
-
-
-class SpatialTransformer(nn.Module):
-    """Transformer over the H*W positions of a feature map, conditioned by cross-attention (LDM
-    sec. 3.3). SD 1.x projects in/out with 1x1 convs, SD 2.x with Linear layers after flattening;
-    both are the same map, only the weight shapes differ."""
-
-    def __init__(
-        self,
-        channels: int,
-        heads: int,
-        head_dim: int,
-        depth: int,
-        context_dim: int,
-        use_linear: bool,
-        cross_only: bool = False,
-    ) -> None:
-        super().__init__()
-        inner = heads * head_dim
-        self.use_linear = use_linear
-        self.norm = norm(channels, eps=1e-6)
-        self.proj_in: nn.Module = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, head_dim, context_dim, cross_only) for _ in range(depth)]
-        )
-        self.proj_out: nn.Module = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
-
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        B, _, H, W = x.shape
-        h = self.norm(x)
-        if not self.use_linear:
-            h = self.proj_in(h)  # (B, inner, H, W)
-        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C or inner)
-        if self.use_linear:
-            h = self.proj_in(h)  # (B, H*W, inner)
-        for block in self.transformer_blocks:
-            h = block(h, context, mask)
-        if self.use_linear:
-            h = self.proj_out(h)  # (B, H*W, C)
-        h = h.transpose(1, 2).reshape(B, -1, H, W)  # (B, C or inner, H, W)
-        if not self.use_linear:
-            h = self.proj_out(h)  # (B, C, H, W)
-        return x + h
 
 
 class TimestepSequential(nn.ModuleList):
     """A list of layers applied in turn, each given what it needs (openaimodel's
-    `TimestepEmbedSequential`): ResBlocks the time embedding, transformers the context."""
+    `TimestepEmbedSequential`): ResBlocks the time embedding, transformers the context. `start` and
+    `stop` run a part of the list (the UNet's shared prefix ends inside a block)."""
 
     def forward(
         self,
         x: Tensor,
         emb: Tensor,
-        context: Tensor,
+        context: Tensor | None,
         mask: Tensor | None,
         out_size: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Tensor:
-        for layer in self:
+        for i, layer in enumerate(self):
+            if i < start or (stop is not None and i >= stop):
+                continue
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
+                assert context is not None, "a transformer needs the context"
                 x = layer(x, context, mask)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
                 x = layer(x)
         return x
+
+
+def prefix_end(blocks: nn.ModuleList) -> tuple[int, int]:
+    """(block, layer) of the first layer of the input blocks that reads the context: everything
+    before it depends on x, t and y only. (len(blocks), 0) when none does."""
+    for i, block in enumerate(blocks):
+        assert isinstance(block, TimestepSequential)
+        for j, layer in enumerate(block):
+            if isinstance(layer, SpatialTransformer):
+                return i, j
+    return len(blocks), 0
 
 
 class UNet(nn.Module):
@@ -309,6 +201,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepSequential(layers))
 
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.prefix_end = prefix_end(self.input_blocks)  # where `head` stops
 
     def forward(
         self,
@@ -317,17 +210,33 @@ class UNet(nn.Module):
         context: Tensor,
         context_mask: Tensor | None = None,
         y: Tensor | None = None,
+        expand: Tensor | None = None,
     ) -> Tensor:
         """x (B, in_channels, h, w), any h and w (upsampling follows the skips' sizes, as diffusers);
         t (B,) float timesteps (one per sample, fractional allowed); context (B, L, context_dim);
         context_mask (B, L) bool, True = a real token, False = padding (every row needs at least one
         True); y (B, adm_in_channels) SDXL's added vector, one per row, or (B,) integer classes (the x4
         upscaler's noise levels). -> (B, out_channels, h, w).
+
+        `expand` (B,) int64: rows that share x, t and y (a classifier-free-guidance pair) are given
+        once. x, t and y then have U <= B unique rows, and row i of the batch is row expand[i] of
+        them: the layers before the first transformer (`head`) run on the U rows, the rest on B.
         """
-        if t.ndim != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if expand is not None and (expand.ndim != 1 or expand.shape[0] != context.shape[0]):
+            raise ValueError(f"expand must have shape ({context.shape[0]},), got {tuple(expand.shape)}")
         if context_mask is not None and context_mask.dtype != torch.bool:
             raise ValueError("context_mask must be a bool tensor (True = attend)")
+        prefix = self.head(x, t, y)
+        if expand is not None:
+            prefix = expand_rows(prefix, expand)
+        return self.tail(prefix, context, context_mask)
+
+    def head(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Prefix:
+        """The layers before the first that reads the context (conv_in, the time embedding, the
+        ResBlocks and downsamplings before the first transformer): their activation, the time
+        embedding and the skip connections so far."""
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         if (y is None) != (self.label_emb is None):
             raise ValueError("y is needed exactly when the UNet has label_emb (SDXL, the x4 upscaler)")
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
@@ -341,10 +250,23 @@ class UNet(nn.Module):
                     f"y must have shape ({x.shape[0]}, {self.cfg.adm_in_channels}), got {tuple(y.shape)}"
                 )
             emb = emb + self.label_emb(y.to(x.dtype))  # (B, 4*mc)
+        end, layer = self.prefix_end
         skips: list[Tensor] = []
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
+        for block in self.input_blocks[:end]:
+            h = block(h, emb, None, None)
+            skips.append(h)
+        if layer:
+            h = self.input_blocks[end](h, emb, None, None, stop=layer)
+        return h, emb, skips
+
+    def tail(self, prefix: Prefix, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """The rest of the network from `head`'s output, one row per row of the context."""
+        h, emb, skips = prefix
+        skips = list(skips)
+        end, layer = self.prefix_end
+        for i in range(end, len(self.input_blocks)):
+            h = self.input_blocks[i](h, emb, context, context_mask, start=layer if i == end else 0)
             skips.append(h)
         h = self.middle_block(h, emb, context, context_mask)
         for block in self.output_blocks:
@@ -352,3 +274,14 @@ class UNet(nn.Module):
             out_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
             h = block(h, emb, context, context_mask, out_size)
         return self.out(h)
+
+
+# `UNet.head`'s output: the activation where the prefix ends, the time embedding, the skips so far.
+Prefix = tuple[Tensor, Tensor, list[Tensor]]
+
+
+def expand_rows(prefix: Prefix, expand: Tensor) -> Prefix:
+    """Row i of the result is row expand[i] of the prefix (in its memory format: advanced indexing
+    keeps channels-last, `index_select` would not)."""
+    h, emb, skips = prefix
+    return h[expand], emb[expand], [s[expand] for s in skips]

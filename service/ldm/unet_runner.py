@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager
 from functools import cache
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .unet import UNet, expand_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +77,13 @@ class UNetRunner:
     """Calls the UNet: in channels-last memory format if asked (its convolutions then run on NHWC
     and the transformers' flattening to tokens is a view, not a copy), compiled if asked."""
 
-    def __init__(self, unet: nn.Module, *, channels_last: bool = False, compile: bool = False) -> None:
+    def __init__(self, unet: UNet, *, channels_last: bool = False, compile: bool = False) -> None:
         self.unet = unet
         self.channels_last = channels_last
         if channels_last:
             to_channels_last(unet)
         self.compiled: nn.Module | None = None
-        self.graphs: set[tuple[object, ...]] = set()  # (rows, latent shape, context shape, mask?, y?)
+        self.graphs: set[tuple[object, ...]] = set()  # (rows, unique rows, latent, context, mask?, y?)
         if compile:
             # Every bucket x latent size x with-or-without mask is a graph of its own.
             dynamo = torch._dynamo.config
@@ -96,16 +99,36 @@ class UNetRunner:
         context: Tensor,
         context_mask: Tensor | None = None,
         y: Tensor | None = None,
+        expand: Tensor | None = None,
         *,
         eager: bool = False,
     ) -> Tensor:
-        """The UNet's output for (x, t, context, context_mask, y), in the usual contiguous layout.
-        `eager`: the uncompiled module (per-row LoRA layers change the module between calls)."""
+        """The UNet's output for (x, t, context, context_mask, y, expand), in the usual contiguous
+        layout. `eager`: the uncompiled module (per-row LoRA layers change the module between calls)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is None or eager:
-            return self.unet(x, t, context, context_mask, y).contiguous()
-        return self._compiled_call(self.compiled, x, t, context, context_mask, y).contiguous()
+            return self.unet(x, t, context, context_mask, y, expand).contiguous()
+        return self._compiled_call(self.compiled, x, t, context, context_mask, y, expand).contiguous()
+
+    def split(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None,
+        y: Tensor | None,
+        expand: Tensor,
+        scopes: tuple[AbstractContextManager[object], AbstractContextManager[object]],
+    ) -> Tensor:
+        """As `__call__` with `expand`, eagerly, the UNet's head (x's unique rows) inside the first
+        scope and the rest inside the second: per-row LoRA layers see the rows of each part."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with scopes[0]:
+            prefix = self.unet.head(x, t, y)
+        with scopes[1]:
+            return self.unet.tail(expand_rows(prefix, expand), context, context_mask).contiguous()
 
     def _compiled_call(
         self,
@@ -115,14 +138,28 @@ class UNetRunner:
         context: Tensor,
         mask: Tensor | None,
         y: Tensor | None,
+        expand: Tensor | None,
     ) -> Tensor:
-        rows = x.shape[0]
+        rows = context.shape[0]
         padded = bucket(rows)
-        args = [_pad_rows(a, padded) for a in (x, t, context, mask, y)]
-        graph = (padded, *x.shape[1:], *context.shape[1:], mask is not None, y is not None)
+        # With `expand`, x, t and y have the unique rows, padded to a bucket of their own; the
+        # padding rows of `expand` repeat its last index (a real row).
+        unique = padded if expand is None else bucket(x.shape[0])
+        args = [_pad_rows(a, unique) for a in (x, t)]
+        args += [_pad_rows(a, padded) for a in (context, mask)]
+        args.append(_pad_rows(y, unique))
+        if expand is not None:
+            args.append(_pad_rows(expand, padded))
+        graph = (padded, unique, *x.shape[1:], *context.shape[1:], mask is not None, y is not None)
         fresh = graph not in self.graphs  # then this call compiles and stops the loop a while: say so
         if fresh:
-            log.info("compiling the UNet for %d rows (a batch of %d), latents %s", padded, rows, x.shape[1:])
+            log.info(
+                "compiling the UNet for %d rows (a batch of %d), %d unique, latents %s",
+                padded,
+                rows,
+                unique,
+                x.shape[1:],
+            )
         started = time.perf_counter()
         out = compiled(*args)[:rows]
         if fresh:
