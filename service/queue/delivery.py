@@ -232,31 +232,18 @@ class WorkerQueue:
     ) -> str:
         """Stores the outcome (and the PNG) once, acknowledges the delivery; `ok`, `stale`, or the
         terminal status the job already had (for example cancelled). `progress` (step, steps) is
-        published first, in the same round trip: a finished job's last progress event."""
-        finish = (
-            "finish",
-            [*lease.keys(), keys.result(lease.job_id)],
-            [
-                keys.GROUP,
-                lease.entry,
-                lease.attempt,
-                status.value,
-                error,
-                time.time(),
-                self.result_ttl_s,
-                png,
-            ],
-        )
-        calls = [] if progress is None else [self._progress_call(lease, *progress)]
+        published first, by the same script: a finished job's last progress event."""
+        args = [keys.GROUP, lease.entry, lease.attempt, status.value, error, time.time(), self.result_ttl_s]
+        finish = ("finish", [*lease.keys(), keys.result(lease.job_id)], [*args, png, *(progress or ())])
         if not self.min_replicas:
-            return text(self._pipelined([*calls, finish])[-1])
+            return text(self._pipelined([finish])[0])
 
         # WAIT in the same pipeline: it counts the writes of its own connection.
         def then(pipe: Pipeline) -> object:
             return pipe.wait(self.min_replicas, self.replica_wait_ms)
 
-        replies = self._pipelined([*calls, finish], then)
-        reply, acked = text(replies[len(calls)]), replies[-1]
+        reply, acked = self._pipelined([finish], then)
+        reply = text(reply)
         if isinstance(acked, Exception):
             raise acked
         if reply == "ok" and int(acked) < self.min_replicas:  # a failover now could lose it: run again

@@ -253,13 +253,21 @@ event(KEYS[3], ARGV[7], 'type', 'progress', 'step', ARGV[4], 'steps', ARGV[5], '
 return 'running'
 """
 
-# KEYS: stream, job, events, result. ARGV: group, entry, attempt, status, error, now, ttl, png.
+# KEYS: stream, job, events, result. ARGV: group, entry, attempt, status, error, now, ttl, png, then
+# optionally step and steps: the job's last progress event, published first. In the same script, not
+# a PROGRESS call before it: a client blocked on the events (XREAD) is served after each command, so
+# it would wake for the progress event alone and need another round trip for the end.
 FINISH = """
 local status, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt'))
 if attempt ~= ARGV[3] then return 'stale' end
 if TERMINAL[status] then
   release(KEYS[1], ARGV[1], ARGV[2], KEYS[2])
   return status
+end
+if ARGV[9] then
+  redis.call('HSET', KEYS[2], 'step', ARGV[9], 'steps', ARGV[10])
+  event(KEYS[3], ARGV[7], 'type', 'progress', 'step', ARGV[9], 'steps', ARGV[10], 'attempt', ARGV[3],
+    'time', ARGV[6])
 end
 if ARGV[8] ~= '' then
   redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[7])
