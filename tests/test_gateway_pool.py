@@ -42,7 +42,7 @@ def test_many_waiting_requests_and_a_burst_of_commands(server: RedisServer) -> N
             request = GenerationRequest(prompt="a red circle", steps=2, seed=1)
             ids = [(await jobs.submit("tiny", [request], "owner"))[0] for _ in range(WAITERS)]
             # Every waiter blocks on its own connection; nothing runs the jobs, so each times out.
-            waits = [jobs.wait(job_ids, 1.5) for job_ids in ids]
+            waits = [jobs.waiting.wait(job_ids, 1.5) for job_ids in ids]
             # Meanwhile a burst of submits shares the 8 command connections.
             burst = [jobs.submit("tiny", [request], "owner") for _ in range(100)]
             waited, submitted = await asyncio.gather(asyncio.gather(*waits), asyncio.gather(*burst))

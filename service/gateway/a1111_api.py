@@ -134,7 +134,8 @@ async def _generate(
             "strength": body.denoising_strength if init is not None else None,
         }
     )
-    submission = await gateway.submit(generation, owner, n=body.batch_size * body.n_iter, model=model)
+    n = body.batch_size * body.n_iter
+    submission = await gateway.submit(generation, owner, n=n, model=model, waiting=True)
     generated = await gateway.wait_for_images(submission, cancelled_ok=True)  # interrupt: what is done
     info_model = gateway.catalog.get(submission.model)
     assert info_model is not None  # submit checked it

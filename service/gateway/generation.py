@@ -58,6 +58,7 @@ class Submission:
     job_ids: list[str]
     seeds: list[int]
     received: float  # time.monotonic() when the request came in
+    waiting: bool = False  # its jobs push their answers for it (`JobService.answers`)
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,11 @@ class Gateway:
         model: str | None = None,
         idempotency_key: str = "",
         webhook: Webhook | None = None,
+        waiting: bool = False,
     ) -> Submission:
         """Checks the request against the model and the settings' limits, then enqueues its n images
-        (one job each); refusals (422, 404, 429) are counted by reason, nothing enqueued."""
+        (one job each); refusals (422, 404, 429) are counted by reason, nothing enqueued. `waiting`:
+        the caller will wait for the images (`wait_for_images`)."""
         received = time.monotonic()
         name = self.catalog.default if model is None else model
         try:
@@ -137,14 +140,17 @@ class Gateway:
                     await check_url(webhook.url, self.settings.webhook_allow)
                 if request.refiner is not None:
                     await self._check_refiner(info, request.refiner)
-                job_ids, replayed = await self.jobs.submit(name, requests, owner, idempotency_key, webhook)
+                job_ids, replayed = await self.jobs.submit(
+                    name, requests, owner, idempotency_key, webhook, waiting
+                )
         except (InvalidField, NotFound, UnknownLora, QueueFull, QueueBytesFull) as e:
             self.metrics.rejected.labels(REJECTION_REASONS[type(e)]).inc()
             raise
         if replayed:  # the same Idempotency-Key: the first call's jobs, with the seeds they were given
             return Submission(job_ids[0], name, job_ids, await self.jobs.seeds(job_ids), received)
         self.metrics.submitted.labels(name).inc(len(job_ids))
-        return Submission(job_ids[0], name, job_ids, [int(r.seed or 0) for r in requests], received)
+        seeds = [int(r.seed or 0) for r in requests]
+        return Submission(job_ids[0], name, job_ids, seeds, received, waiting)
 
     async def _check_refiner(self, base: ModelInfo, refiner: Refiner) -> None:
         """An SDXL hand-off runs on one worker holding both models: 404 for a refiner not served here,
@@ -180,18 +186,33 @@ class Gateway:
         remaining = timeout - (time.monotonic() - submission.received)
         ids = submission.job_ids
         try:
-            if remaining <= 0 or not await self.jobs.wait(ids, remaining):
+            outcomes = None
+            if remaining > 0 and submission.waiting:
+                outcomes = await self.jobs.waiting.answers(ids, remaining)
+            elif remaining > 0 and await self.jobs.waiting.wait(ids, remaining):
+                outcomes = await self.jobs.outcomes(ids)
+            if outcomes is None:
                 raise WaitTimeout(
                     f"no result within {timeout:g} s; the job goes on: follow /v1/jobs/{submission.id}", ids
                 )
-            return await self.collect(submission, cancelled_ok=cancelled_ok)
+            return self.generated(submission, outcomes, cancelled_ok=cancelled_ok)
         except Unavailable as e:  # the jobs were accepted and go on: never answer without their ids
             raise WaitInterrupted(
                 f"{e.message}; the accepted jobs go on: follow /v1/jobs/{submission.id}", ids
             ) from None
 
     async def collect(self, submission: Submission, *, cancelled_ok: bool = False) -> Generated:
+        """The images of a submission whose jobs have ended, read from their records."""
         outcomes = await self.jobs.outcomes(submission.job_ids)
+        return self.generated(submission, outcomes, cancelled_ok=cancelled_ok)
+
+    def generated(
+        self,
+        submission: Submission,
+        outcomes: list[tuple[JobState | None, bytes | None]],
+        *,
+        cancelled_ok: bool = False,
+    ) -> Generated:
         states = [state for state, _ in outcomes]
         images = []
         for job_id, seed, (state, png) in zip(submission.job_ids, submission.seeds, outcomes, strict=True):

@@ -58,7 +58,7 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateReply:
         async def body(owner: str) -> pb.GenerateReply:
-            submission = await self._submit(request, owner, context)
+            submission = await self._submit(request, owner, context, waiting=True)
             return generate_reply(await self.gateway.wait_for_images(submission, self._remaining(context)))
 
         return await self._call("Generate", context, body)
@@ -78,7 +78,11 @@ class ImagesServicer(pb_grpc.ImagesServicer):
             await context.abort(e.grpc_code, e.message)
 
     async def _submit(
-        self, request: pb.GenerateRequest, owner: str, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GenerateRequest,
+        owner: str,
+        context: grpc.aio.ServicerContext,
+        waiting: bool = False,
     ) -> Submission:
         try:
             internal = generation_request(request)
@@ -94,7 +98,7 @@ class ImagesServicer(pb_grpc.ImagesServicer):
             model = self.gateway.default_model_for("upscale")
         key = _text(dict(context.invocation_metadata() or ()).get("idempotency-key")) or ""
         return await self.gateway.submit(
-            internal, owner, n=n, model=model, idempotency_key=key, webhook=webhook
+            internal, owner, n=n, model=model, idempotency_key=key, webhook=webhook, waiting=waiting
         )
 
     async def _events(self, submission: Submission, deadline_s: float | None) -> AsyncIterator[pb.JobEvent]:
@@ -102,7 +106,7 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         timeout = timeout if deadline_s is None else min(timeout, deadline_s)
         end = submission.received + timeout
         index = {job_id: i for i, job_id in enumerate(submission.job_ids)}
-        events = self.gateway.jobs.follow(submission.job_ids, idle_s=min(1.0, timeout))
+        events = self.gateway.jobs.waiting.follow(submission.job_ids, idle_s=min(1.0, timeout))
         try:
             async for event in events:
                 if time.monotonic() > end:

@@ -2,9 +2,9 @@
 
 Enqueue, status, result and cancel are the protocol's own `JobStore` calls (Lua scripts, fenced state
 changes), run in a thread: each is one short Redis round trip. Waiting is not: a request that waits for
-its images, an SSE subscriber and a gRPC stream all block on the jobs' event streams with XREAD BLOCK
-on an asyncio client, so a thousand waiting requests hold no thread. Events are replayed from the
-start of the stream (or after a given event id), so a late subscriber misses nothing.
+its images blocks on the answers its jobs push to it (BLPOP), an SSE subscriber and a gRPC stream on
+the jobs' event streams (XREAD BLOCK), on an asyncio client (`waiting.py`), so a thousand waiting
+requests hold no thread.
 
 Each API key's jobs that have not ended are kept in a sorted set (`keys.owner_jobs`, written with
 every submission, pruned as they are read), so "the caller's jobs" (AUTOMATIC1111's progress,
@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -27,7 +26,7 @@ import redis.asyncio
 from ..ldm.request import GenerationRequest
 from ..queue import keys
 from ..queue.scripts import SCRIPTS
-from ..queue.states import TERMINAL, JobState, JobStatus, Webhook
+from ..queue.states import JobState, JobStatus, Webhook
 from ..queue.store import (
     UNAVAILABLE_ERRORS,
     BacklogBytesFull,
@@ -40,27 +39,12 @@ from ..queue.store import (
 )
 from .admission import Admission
 from .errors import QueueBytesFull, QueueFull, Unavailable, WaitInterrupted
+from .waiting import Waits, entry_key
 
 T = TypeVar("T")
 REDIS_ERRORS = UNAVAILABLE_ERRORS
-BLOCK_S = 5.0  # longest single XREAD BLOCK; callers see an idle tick (None) after each empty one
-TERMINAL_TYPES = frozenset(str(s) for s in TERMINAL)
 # The fields of a job's hash that `unfinished` reads (not its spec, which may hold images).
 STATE_FIELDS = ["model", "owner", "status", "created", "deadline", "started", "step", "steps"]
-
-
-@dataclass(frozen=True)
-class Event:
-    """One entry of a job's event stream: queued, running, progress (step, steps) or a terminal status."""
-
-    job_id: str
-    id: str  # the stream entry id: the resume point (SSE `id:`)
-    type: str
-    fields: dict[str, str]
-
-    @property
-    def terminal(self) -> bool:
-        return self.type in TERMINAL_TYPES
 
 
 class JobService:
@@ -73,7 +57,8 @@ class JobService:
     ) -> None:
         self.store = store
         self.client = client  # commands
-        self.waits = waits or client  # blocking reads (XREAD BLOCK): a connection per waiting request
+        self.waits = waits or client  # blocking reads (XREAD, BLPOP): a connection per waiting request
+        self.waiting = Waits(self.waits)  # following jobs, taking their answers (waiting.py)
         self.retry_after_s = retry_after_s
         self._enqueue = client.register_script(SCRIPTS["enqueue"])
         self.admission = Admission()  # refusals that stand for a moment (admission.py)
@@ -97,13 +82,15 @@ class JobService:
         owner: str,
         idempotency_key: str = "",
         webhook: Webhook | None = None,
+        waiting: bool = False,
     ) -> tuple[list[str], bool]:
         """Enqueues all the requests or none, in one atomic script call on the asyncio client (no
         thread: a burst of refusals costs one round trip each); 429 when the backlog has no room for
         its jobs, 503 when it has none for their bytes. Returns the job ids, and whether they are an
-        earlier call's (the same Idempotency-Key: nothing was enqueued)."""
+        earlier call's (the same Idempotency-Key: nothing was enqueued). `waiting`: the caller waits
+        for the images, taking them with `answers` (not for an earlier call's jobs)."""
         call = self.store.enqueue_call(
-            model, requests, owner, idempotency_key=idempotency_key, webhook=webhook
+            model, requests, owner, idempotency_key=idempotency_key, webhook=webhook, reply=waiting
         )
         try:
             if self.store.min_replicas:  # an answered job survives the loss of the primary
@@ -246,7 +233,7 @@ class JobService:
             for group in groups:
                 if text(group.get("name")) == keys.GROUP:
                     last = text(group.get("last-delivered-id")) or "0-0"
-            if not entry or _entry_key(entry) <= _entry_key(last):
+            if not entry or entry_key(entry) <= entry_key(last):
                 return 0
             ahead: Any = await self.client.xrange(
                 stream, min=f"({last}", max=f"({entry}", count=self.store.max_backlog
@@ -331,52 +318,3 @@ class JobService:
         await self.client.aclose()
         if self.waits is not self.client:
             await self.waits.aclose()
-
-    # -- waiting ----------------------------------------------------------------------------------
-
-    async def follow(
-        self, job_ids: list[str], after: dict[str, str] | None = None, idle_s: float = BLOCK_S
-    ) -> AsyncGenerator[Event | None, None]:
-        """The events of the jobs in order (per job), from the start or after the given ids, until
-        every job has ended; None after each `idle_s` without an event (a tick for keepalives and
-        deadlines). A job whose event stream has expired is never followed to its end: callers bound
-        their wait."""
-        last = {job_id: (after or {}).get(job_id, "0-0") for job_id in job_ids}
-        open_jobs = set(job_ids)
-        block_ms = max(1, int(min(idle_s, BLOCK_S) * 1000))
-        while open_jobs:
-            streams = {keys.events(job_id): last[job_id] for job_id in job_ids if job_id in open_jobs}
-            try:
-                reply: Any = await self.waits.xread(streams, count=100, block=block_ms)  # type: ignore[arg-type]
-            except REDIS_ERRORS as e:
-                raise Unavailable(f"the job queue is unavailable: {e}") from None
-            if not reply:
-                yield None
-                continue
-            for stream, entries in reply:
-                job_id = text(stream).rsplit(":", 1)[-1]
-                for entry_id, raw in entries:
-                    fields = {text(k): text(v) for k, v in raw.items()}
-                    event = Event(job_id, text(entry_id), fields.get("type", ""), fields)
-                    last[job_id] = event.id
-                    if event.terminal:
-                        open_jobs.discard(job_id)
-                    yield event
-
-    async def wait(self, job_ids: list[str], timeout_s: float) -> bool:
-        """Waits until every job has ended; False if `timeout_s` passed first (the jobs go on)."""
-        events = self.follow(job_ids)
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for _event in events:
-                    pass
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            await events.aclose()
-
-
-def _entry_key(entry: str) -> tuple[int, int]:
-    ms, _, seq = entry.partition("-")
-    return int(ms), int(seq or 0)

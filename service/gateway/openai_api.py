@@ -297,7 +297,7 @@ async def _answer(
 ) -> Response:
     n = 1 if options.n is None else options.n
     model = served_model(gateway.settings, options.model)
-    submission = await gateway.submit(generation, owner, n=n, model=model)
+    submission = await gateway.submit(generation, owner, n=n, model=model, waiting=not options.stream)
     if options.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         events = stream_events(kind, options, gateway, submission, lambda e: _error(e)[1])

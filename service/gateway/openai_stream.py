@@ -68,7 +68,7 @@ async def stream_events(
     settings = gateway.settings
     deadline = submission.received + settings.request_timeout_s
     tick = min(settings.sse_keepalive_s, settings.request_timeout_s)
-    events = gateway.jobs.follow(submission.job_ids, idle_s=tick)
+    events = gateway.jobs.waiting.follow(submission.job_ids, idle_s=tick)
     try:
         async for event in events:
             if time.monotonic() >= deadline:

@@ -106,10 +106,17 @@ async def _generate(
     if wants_png and body.n != 1:
         raise InvalidField("n", "Accept: image/png answers one image: n must be 1")
     key, webhook = idempotency_key or "", body.webhook
+    respond_async = prefer is not None and "respond-async" in [p.strip().lower() for p in prefer.split(",")]
     submission = await gateway.submit(
-        body.to_request(), owner, n=body.n, model=body.model, idempotency_key=key, webhook=webhook
+        body.to_request(),
+        owner,
+        n=body.n,
+        model=body.model,
+        idempotency_key=key,
+        webhook=webhook,
+        waiting=not respond_async,
     )
-    if prefer is not None and "respond-async" in [p.strip().lower() for p in prefer.split(",")]:
+    if respond_async:
         return accepted(submission)
     generated = await gateway.wait_for_images(submission)
     if wants_png:

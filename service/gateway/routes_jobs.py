@@ -16,8 +16,8 @@ from ..queue.states import JobState, JobStatus
 from .deps import Caller, GatewayDep
 from .errors import Unavailable
 from .generation import Gateway, Image
-from .job_service import Event
 from .schemas import ErrorPublic, ImagePublic, JobPublic, ProgressPublic, WebhookPublic
+from .waiting import Event
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -102,7 +102,7 @@ async def _sse(gateway: Gateway, job_id: str, after: dict[str, str] | None) -> A
     stream ends cleanly, asking the client to reconnect (SSE `retry`, in ms) with Last-Event-ID: the
     headers are sent, so an error status can no longer be."""
     keepalive = gateway.settings.sse_keepalive_s
-    events = gateway.jobs.follow([job_id], after, idle_s=keepalive)
+    events = gateway.jobs.waiting.follow([job_id], after, idle_s=keepalive)
     last_sent = time.monotonic()
     try:
         async for event in events:

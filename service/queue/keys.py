@@ -47,6 +47,11 @@ def result(job_id: str) -> str:
     return f"{PREFIX}:result:{job_id}"
 
 
+def reply(job_id: str) -> str:
+    """A list holding a waiting request's answer for a job: its end and image in one entry (60 s)."""
+    return f"{PREFIX}:reply:{job_id}"
+
+
 def inputs(request_id: str) -> str:
     """The input images an n-image request's jobs share (`request_id`: its first job's id)."""
     return f"{PREFIX}:input:{request_id}"

@@ -12,13 +12,33 @@ from __future__ import annotations
 
 from . import keys
 
+REPLY_TTL_S = 60  # a waiting request takes its answer at once; this only bounds one nobody took
+
 # `notify` queues a webhook delivery when the job asked for this event (`webhook_events` is
 # ",succeeded,failed,"): written in the same atomic step as the event, so none is lost or doubled.
 _PRELUDE = f"""
 local WEBHOOKS = '{keys.WEBHOOKS}'
 local BYTES = '{keys.BACKLOG_BYTES_PREFIX}'
 local JOB = '{keys.job("")}'
+local RESULT = '{keys.result("")}'
+local REPLY = '{keys.reply("")}'
+local REPLY_TTL = {REPLY_TTL_S}
+-- The answer of a request that waits for its images (`reply`, set at enqueue), once its job has
+-- ended: status, times and error as JSON, a newline, then the PNG (none when it did not succeed), in
+-- one list entry the gateway takes with BLPOP. Written once (the flag goes with it).
+local function answer(job)
+  local id, waiting = unpack(redis.call('HMGET', job, 'id', 'reply'))
+  if not waiting then return end
+  redis.call('HDEL', job, 'reply')
+  local f = redis.call('HMGET', job, 'model', 'owner', 'status', 'error', 'created', 'started', 'finished')
+  local head = cjson.encode({{id = id, model = f[1] or '', owner = f[2] or '', status = f[3],
+    error = f[4] or '', created = f[5] or '', started = f[6] or '', finished = f[7] or ''}})
+  redis.call('RPUSH', REPLY .. id, head .. '\\n' .. (redis.call('GET', RESULT .. id) or ''))
+  redis.call('EXPIRE', REPLY .. id, REPLY_TTL)
+end
+-- Every change to a terminal status calls it (the waiting request's answer goes with it).
 local function notify(job, kind, time)
+  if kind ~= 'started' then answer(job) end
   local wanted = redis.call('HGET', job, 'webhook_events')
   if wanted and string.find(wanted, ',' .. kind .. ',', 1, true) then
     redis.call('XADD', WEBHOOKS, '*', 'job', redis.call('HGET', job, 'id'), 'type', kind, 'time', time,
@@ -61,8 +81,9 @@ end
 
 # All the jobs of one request, or none. KEYS: stream, idempotency key, byte count, shared inputs (or
 # ''), then job and events of each job. ARGV: model, owner, now, deadline, max backlog, ttl, idempotency
-# ttl, webhook (JSON or ''), its events (",succeeded,failed," or ''), max backlog bytes, k, then k
-# (field, image) pairs of the shared inputs, then job id and spec of each job.
+# ttl, webhook (JSON or ''), its events (",succeeded,failed," or ''), max backlog bytes, k, whether a
+# request waits for the answers ('1' or ''), then k (field, image) pairs of the shared inputs, then job
+# id and spec of each job.
 # An idempotency key that is already there answers the job ids it recorded, and nothing is added; so
 # does a first job id that exists already (a retried call).
 #
@@ -71,7 +92,7 @@ end
 # would pass the bound is refused, unless nothing is counted: a lone request always fits.
 ENQUEUE = """
 local k = tonumber(ARGV[11])
-local base = 11 + 2 * k
+local base = 12 + 2 * k
 local n = (#ARGV - base) / 2
 if KEYS[2] ~= '' then
   local known = redis.call('GET', KEYS[2])
@@ -85,7 +106,7 @@ if backlog + n > tonumber(ARGV[5]) then
   return {'full', tostring(backlog)}
 end
 local shared = 0
-for i = 1, k do shared = shared + #ARGV[11 + 2 * i] end
+for i = 1, k do shared = shared + #ARGV[12 + 2 * i] end
 local sizes, total = {}, 0
 for i = 1, n do
   sizes[i] = #ARGV[base + 2 * i] + math.floor(shared / n) + (i == 1 and shared % n or 0)
@@ -97,7 +118,7 @@ if held > 0 and held + total > tonumber(ARGV[10]) then
 end
 if k > 0 then
   local fields = {}
-  for i = 1, 2 * k do fields[i] = ARGV[11 + i] end
+  for i = 1, 2 * k do fields[i] = ARGV[12 + i] end
   redis.call('HSET', KEYS[4], 'refs', n, unpack(fields))
   redis.call('EXPIRE', KEYS[4], ARGV[6])
 end
@@ -113,6 +134,9 @@ for i = 1, n do
   end
   if ARGV[8] ~= '' then
     redis.call('HSET', job, 'webhook', ARGV[8], 'webhook_events', ARGV[9])
+  end
+  if ARGV[12] ~= '' then
+    redis.call('HSET', job, 'reply', 1)
   end
   redis.call('EXPIRE', job, ARGV[6])
   event(events, ARGV[6], 'type', 'queued', 'time', ARGV[3])

@@ -166,6 +166,7 @@ class JobStore:
         job_ids: list[str] | None = None,
         idempotency_key: str = "",
         webhook: Webhook | None = None,
+        reply: bool = False,
     ) -> list[str]:
         """Adds one job per request to the model's stream and creates their hashes, all or none, in one
         atomic step that first checks the backlog, in jobs (BacklogFull) and in bytes (BacklogBytesFull);
@@ -173,8 +174,9 @@ class JobStore:
         carries its seed (`request.plan` drew it), so every attempt draws the same image.
 
         Retrying is safe: with the same `job_ids`, or the same `idempotency_key` (per owner, kept
-        `idempotency_ttl_s`), nothing is added twice and the first call's ids come back."""
-        call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key, webhook)
+        `idempotency_ttl_s`), nothing is added twice and the first call's ids come back. `reply`: each
+        job's end is also pushed to its reply list, for a caller that waits (`keys.reply`)."""
+        call = self.enqueue_call(model, requests, owner, timeout_s, job_ids, idempotency_key, webhook, reply)
         return call.result(self._replicated_call(self._enqueue, call.keys, call.args))
 
     def _replicated_call(self, script: Script, call_keys: list[str], args: list[Any]) -> Any:
@@ -214,8 +216,10 @@ class JobStore:
         job_ids: list[str] | None = None,
         idempotency_key: str = "",
         webhook: Webhook | None = None,
+        reply: bool = False,
     ) -> EnqueueCall:
-        """The enqueue script's keys and arguments (for a caller with a client of its own, e.g. asyncio)."""
+        """The enqueue script's keys and arguments (for a caller with a client of its own, e.g. asyncio).
+        `reply`: each job's end is also pushed to its reply list (`keys.reply`), for a request that waits."""
         if not keys.MODEL_NAME.match(model):
             raise ValueError(f"invalid model name {model!r}")
         if not requests or any(r.seed is None for r in requests):
@@ -237,7 +241,8 @@ class JobStore:
         ]
         args: list[Any] = [model, owner, now, now + timeout, self.max_backlog, ttl, self.idempotency_ttl_s]
         args += [webhook.model_dump_json(), webhook.events_field()] if webhook else ["", ""]
-        args += [self.max_backlog_bytes, len(shared), *(item for pair in shared.items() for item in pair)]
+        args += [self.max_backlog_bytes, len(shared), "1" if reply else ""]
+        args += [item for pair in shared.items() for item in pair]
         for job_id, spec in zip(job_ids, specs, strict=True):
             script_keys += [keys.job(job_id), keys.events(job_id)]
             args += [job_id, spec]
