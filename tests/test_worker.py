@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from service.queue import keys
+from service.queue.scripts import SCRIPTS
 from service.queue.states import JobState, JobStatus
 from service.queue.store import JobStore, connect
 
@@ -96,6 +97,36 @@ def test_a_new_job_joins_the_running_batch(store: JobStore) -> None:
     # The short job joined while the long one was mid-way, and left first.
     assert short_state.finished is not None and short_state.finished < long_state.finished
     assert long_state.step == 60
+
+
+def test_a_small_spec_rides_in_its_entry_and_the_hash_decides(store: JobStore, server: RedisServer) -> None:
+    """The worker prepares a job from the spec in its entry while the claim is on its way; what the
+    claim answers (the hash's spec) is what runs."""
+    client = server.client()
+    plain = store.enqueue(MODEL, job({**SPEC, "seed": 2}))
+    entry = client.hget(keys.job(plain), "entry")
+    [(_, fields)] = client.xrange(keys.jobs(MODEL), entry, entry)
+    assert fields[b"spec"] == client.hget(keys.job(plain), "spec")
+    wait_done(store, [plain])
+    # The same job, its entry swapped for one whose spec says seed 1, in one transaction: the worker's
+    # blocked read is served after it, with the swapped entry.
+    call = store.enqueue_call(MODEL, [job({**SPEC, "seed": 2})])
+    wanted, stream = call.job_ids[0], keys.jobs(MODEL)
+    forged = f"{int(time.time() * 1000) + 60_000}-0"
+    with client.pipeline(transaction=True) as pipe:
+        client.register_script(SCRIPTS["enqueue"])(keys=call.keys, args=call.args, client=pipe)
+        pipe.xtrim(stream, maxlen=0)  # the earlier jobs have ended: only this one's entry goes
+        pipe.xadd(stream, {"job": wanted, "spec": job({**SPEC, "seed": 1}).to_json()}, id=forged)
+        pipe.hset(keys.job(wanted), "entry", forged)
+        pipe.execute()
+    (state,) = wait_done(store, [wanted])
+    assert state.status == JobStatus.SUCCEEDED, state.error
+    assert store.result(wanted) == store.result(plain)  # seed 2, not the entry's seed 1
+    # A spec with an image in it stays out of the entry.
+    big = store.enqueue(MODEL, job({**SPEC, "init_image": b"\x89PNG" + bytes(4000)}))
+    entry = client.hget(keys.job(big), "entry")
+    assert all(b"spec" not in f for _, f in client.xrange(keys.jobs(MODEL), entry, entry))
+    assert wait_done(store, [big])[0].status == JobStatus.FAILED  # not a readable PNG
 
 
 def test_an_invalid_job_fails_alone(store: JobStore, server: RedisServer) -> None:

@@ -38,6 +38,7 @@ class Entry:
     model: str
     entry: str
     job_id: str
+    spec: str = ""  # the job's spec when small enough to ride in the entry (INLINE_SPEC_BYTES)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class WorkerQueue:
     def _entries(models: Sequence[str], reply: Any) -> list[Entry]:
         by_stream = {keys.jobs(m): m for m in models}
         return [
-            Entry(by_stream[text(stream)], text(entry_id), text(fields.get(b"job")))
+            Entry(by_stream[text(stream)], text(entry_id), *(text(fields.get(f)) for f in (b"job", b"spec")))
             for stream, entries in reply or []
             for entry_id, fields in entries
         ]

@@ -13,6 +13,10 @@ from __future__ import annotations
 from . import keys
 
 REPLY_TTL_S = 60  # a waiting request takes its answer at once; this only bounds one nobody took
+# A spec this small (a text-to-image request: a few hundred bytes) also rides in its stream entry, so
+# that the worker that reads it can prepare the job while its claim is on the way (not counted in the
+# backlog's bytes: at most this much a job, only while it is queued).
+INLINE_SPEC_BYTES = 2048
 
 # `notify` queues a webhook delivery when the job asked for this event (`webhook_events` is
 # ",succeeded,failed,"): written in the same atomic step as the event, so none is lost or doubled.
@@ -125,7 +129,12 @@ end
 local ids = {}
 for i = 1, n do
   local id, spec, job, events = ARGV[base - 1 + 2 * i], ARGV[base + 2 * i], KEYS[3 + 2 * i], KEYS[4 + 2 * i]
-  local entry = redis.call('XADD', KEYS[1], '*', 'job', id)
+  local entry
+  if k == 0 and #spec <= INLINE_SPEC then
+    entry = redis.call('XADD', KEYS[1], '*', 'job', id, 'spec', spec)
+  else
+    entry = redis.call('XADD', KEYS[1], '*', 'job', id)
+  end
   redis.call('HSET', job, 'id', id, 'model', ARGV[1], 'owner', ARGV[2], 'spec', spec,
     'status', 'queued', 'created', ARGV[3], 'deadline', ARGV[4], 'entry', entry,
     'attempt', 0, 'handed_back', 0, 'results', 0, 'step', 0, 'steps', 0, 'bytes', sizes[i])
@@ -371,7 +380,7 @@ return 'expired'
 SCRIPTS = {
     name: _PRELUDE + body
     for name, body in {
-        "enqueue": ENQUEUE,
+        "enqueue": ENQUEUE.replace("INLINE_SPEC", str(INLINE_SPEC_BYTES)),
         "recount": RECOUNT,
         "cancel": CANCEL,
         "claim": CLAIM,

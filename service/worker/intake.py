@@ -2,6 +2,13 @@
 dead-lettering), resolve its request against the model (an invalid one fails here, alone), load its
 LoRA adapters off the loop if they are not in memory, then offer it to the scheduler.
 
+A new entry whose spec rides in it (a small one, `INLINE_SPEC_BYTES`) is resolved and prepared (text
+encoded, noise drawn) while its claim is on its way to Redis and back, on the thread that also sends
+the starts (`Starts.claim`): the claim's round trip, a write Redis fsyncs before it answers, no longer
+comes before the preparation. What the claim answers decides, as always: a job it does not give this
+worker (cancelled meanwhile, dead-lettered) is dropped with its prepared member; one whose spec is
+not the entry's (never, but the hash is the authority) is prepared again at admission.
+
 It also remembers which streams the last read found empty (`drained`): a read of `count` entries
 that got fewer leaves nothing behind, so a lone job from there has no batch-mate to wait for.
 """
@@ -10,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
+from ..ldm.batch import Member
 from ..ldm.engine import Engine
-from ..queue.delivery import Entry, Lease, WorkerQueue
+from ..ldm.request import ResolvedRequest
+from ..queue.delivery import Claimed, Entry, Lease, WorkerQueue
 from ..queue.inputs import request_from
 from ..queue.states import JobStatus
 from .adapters import Adapters
@@ -33,8 +43,10 @@ class Intake:
         scheduler: Scheduler,
         adapters: Adapters,
         metrics: WorkerMetrics,
+        claims: Callable[[list[Entry]], Future[list[Claimed]]] | None = None,
     ) -> None:
         self.queue = queue
+        self.claims = claims  # claiming off the loop's thread (Starts.claim); None: in line
         self.engines = engines
         self.ledger = ledger
         self.scheduler = scheduler
@@ -68,7 +80,16 @@ class Intake:
             return
         if reclaimed:
             self.metrics.reclaimed.inc(len(entries))
-        for claimed in self.queue.claim(entries):
+        early: dict[str, tuple[ResolvedRequest, Member]] = {}
+        if self.claims is not None and not reclaimed and any(e.spec for e in entries):
+            on_the_way = self.claims(list(entries))
+            for e in entries:
+                if e.spec and (prepared := self._prepare(e)) is not None:
+                    early[e.job_id] = prepared
+            answers = on_the_way.result()
+        else:
+            answers = self.queue.claim(entries)
+        for claimed in answers:
             if claimed.outcome == "dead":
                 log.warning("job %s: %s", claimed.entry.job_id, claimed.detail)
                 self.metrics.dead_lettered.inc()
@@ -76,11 +97,30 @@ class Intake:
             elif claimed.lease is None:
                 log.debug("job %s: nothing to run (%s)", claimed.entry.job_id, claimed.outcome)
             else:
-                self._accept(claimed.lease)
+                same = claimed.entry.spec == claimed.lease.spec_json  # the hash's spec decides
+                self._accept(claimed.lease, early.get(claimed.entry.job_id) if same else None)
 
-    def _accept(self, lease: Lease) -> None:
+    def _prepare(self, entry: Entry) -> tuple[ResolvedRequest, Member] | None:
+        """The entry's request resolved and its member prepared, before the claim is known; None for
+        one that needs more (adapters, a refiner) or fails (the claimed job then fails as usual)."""
+        engine = self.engines[entry.model]
+        try:
+            request = engine.resolve(request_from(entry.spec, {}))
+            if request.loras or request.refiner is not None:
+                return None
+            member, _tokens = engine.prepare(request, entry.job_id)
+        except Exception:
+            return None
+        return request, member
+
+    def _accept(self, lease: Lease, prepared: tuple[ResolvedRequest, Member] | None = None) -> None:
         """Resolves the request against the model; an invalid one fails here, alone."""
         engine = self.engines[lease.model]
+        if prepared is not None:
+            job = Job(lease, prepared[0], member=prepared[1])
+            self.ledger.hold(job)
+            self._offer(job)
+            return
         try:
             request = engine.resolve(request_from(lease.spec_json, lease.inputs))
         except Exception as e:  # a bad spec, an unreadable image, anything the model refuses

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from ..ldm.batch import Member
 from ..ldm.request import ResolvedRequest, first_error
 from ..queue.delivery import Lease, WorkerQueue
 from ..queue.states import JobStatus
@@ -33,6 +34,7 @@ class Job:
     lease: Lease
     request: ResolvedRequest | None  # None when the request did not resolve (the job fails at once)
     started: float = 0.0
+    member: Member | None = None  # prepared while its claim was on the way (intake.py), else at admission
 
     @property
     def id(self) -> str:

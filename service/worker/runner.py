@@ -76,9 +76,11 @@ class Worker:
         self._drain_deadline: float | None = None
         self._wait_s: float | None = None
         self._next_reclaim = 0.0
-        self.intake = Intake(self.queue, engines, self.ledger, self.scheduler, self.adapters, metrics)
         self.progress = ProgressLine(self._queue(), settings.progress_interval_ms / 1000)
         self.starts = Starts(self._queue())
+        self.intake = Intake(
+            self.queue, engines, self.ledger, self.scheduler, self.adapters, metrics, self.starts.claim
+        )
         self._started = time.time()
 
     def _queue(self) -> WorkerQueue:
@@ -243,9 +245,12 @@ class Worker:
             job.started = time.time()
             self.metrics.queue_wait_seconds.observe(max(0.0, job.started - job.lease.created))
             try:
-                loras = self.adapters.get(job.lease.model, job.request.loras)
-                refiner = self.engines.get(job.request.refiner.model) if job.request.refiner else None
-                member, _tokens = engine.prepare(job.request, job.id, loras=loras, refiner=refiner)
+                member = job.member  # prepared while its claim was on the way (intake.py)
+                if member is None:
+                    loras = self.adapters.get(job.lease.model, job.request.loras)
+                    refiner = self.engines.get(job.request.refiner.model) if job.request.refiner else None
+                    member, _tokens = engine.prepare(job.request, job.id, loras=loras, refiner=refiner)
+                job.member = None  # the batch holds it now
             except Exception as e:
                 log.warning("job %s failed to prepare: %s", job.id, e)
                 self.ledger.leave(job, Outcome.raised(e))
