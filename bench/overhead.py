@@ -13,6 +13,13 @@ otherwise). After warm-up the two sides alternate, and which one goes first swap
 side that runs right after the other was measured 3 to 8% slower (caches, the other side's processes
 still winding down), so a fixed order would bias the ratio.
 
+`--pin` (the default where there are two cores or more) gives the working thread a core of its own: the
+in-process side's thread and every thread of the worker run on the last core, everything else (the
+gateway, redis-server, the latency proxy, the HTTP client) on the others, as in a deployment where
+Redis and the gateway are on other machines. Unpinned (`--no-pin`), on a 2-core machine the service's
+other processes take the worker's core from time to time while it steps (the gateway woken by each
+progress event, Redis's fsyncs, the proxy's threads), which the in-process side never meets.
+
 Besides wall time it prints the CPU time each side spends per image (the in-process side's own; the
 worker's, the gateway's and Redis's on the service side): on a machine shared with other jobs wall
 time swings with their load, CPU time much less. And wall time less the time the thread doing the
@@ -25,12 +32,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -81,12 +89,54 @@ def parse_args() -> argparse.Namespace:
         help="added to every Redis round trip of the worker and gateway, through a loopback proxy, "
         "to stand in for a Redis on another machine (default: %(default)s)",
     )
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=len(os.sched_getaffinity(0)) >= 2,
+        help="the working thread (in-process, or the worker's) on a core of its own, the rest on the "
+        "others (default: on where there are two cores or more)",
+    )
     return p.parse_args()
+
+
+class Cores:
+    """Which core the working thread runs on and which the rest use (`--pin`); does nothing unpinned."""
+
+    def __init__(self, pin: bool) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        self.pin = pin and len(cores) >= 2
+        self.work, self.rest = {cores[-1]}, set(cores[:-1])
+        if self.pin:
+            os.sched_setaffinity(0, self.rest)  # this thread, and what it starts from now on
+
+    def describe(self) -> str:
+        if not self.pin:
+            return "not pinned: every process may run on every core"
+        return f"pinned: the working thread on core {min(self.work)}, the rest on {sorted(self.rest)}"
+
+    def to_work(self, pid: int) -> None:
+        """Every thread of a process (a worker) onto the working core."""
+        if self.pin:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), self.work)
+
+    def working(self) -> contextlib.AbstractContextManager[None]:
+        """This thread on the working core for a while (the in-process side)."""
+        return self._working() if self.pin else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        os.sched_setaffinity(0, self.work)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, self.rest)
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
+    cores = Cores(args.pin)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model, which = args.model, "given"
@@ -103,9 +153,10 @@ def main() -> None:
         body = {"prompt": PROMPT, "steps": args.steps, "seed": args.seed}
 
         def in_process() -> bytes:
-            (result,) = engine.generate([request])
-            assert result.image is not None
-            return png_bytes(result.image, result.request.parameters())
+            with cores.working():
+                (result,) = engine.generate([request])
+                assert result.image is not None
+                return png_bytes(result.image, result.request.parameters())
 
         server = RedisServer(folder / "redis", appendfsync=args.appendfsync)
         server.start()
@@ -122,6 +173,7 @@ def main() -> None:
             gateway.start()
             worker.wait_ready(server.client(), timeout_s=120)
             assert worker.process is not None and gateway.process is not None and server.process is not None
+            cores.to_work(worker.process.pid)
             pids = {"worker": worker.process.pid, "gateway": gateway.process.pid, "redis": server.process.pid}
             with httpx.Client(base_url=gateway.url, timeout=120) as http:
                 stages: dict[str, list[float]] = {"queue_ms": [], "inference_ms": [], "total_ms": []}
@@ -143,7 +195,7 @@ def main() -> None:
                     + ("0: a lone job starts at once" if args.max_wait_ms == 0 else "not 0")
                     + f"), torch {torch.__version__}, 1 thread each side"
                 )
-                print(f"Redis: appendfsync {args.appendfsync}")
+                print(f"Redis: appendfsync {args.appendfsync}; {cores.describe()}")
                 measure(args, {IN_PROCESS: in_process, HTTP: service}, pids)
                 medians = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items())
                 print(f"HTTP side, p50 of the answers' timings (warm-up included): {medians}")
