@@ -27,6 +27,8 @@ when gradients are wanted (training differentiates the plain conv), not with a p
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -148,8 +150,9 @@ def conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return conv._conv_forward(x, conv.weight, conv.bias)
 
 
-# Off: every conv takes the direct path (tests and benchmarks compare the two).
-ENABLED = True
+# Off (LDM_WINOGRAD=0 in the environment, or set here): every conv takes the direct path; tests and
+# benchmarks compare the two.
+ENABLED = os.environ.get("LDM_WINOGRAD", "1") != "0"
 
 
 class Conv3x3(nn.Conv2d):
