@@ -34,6 +34,7 @@ def everywhere(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MAX_PIXELS", 1 << 30)
+    monkeypatch.setattr(winograd, "MAX_PIXELS_NCHW", 1 << 30)
     monkeypatch.setattr(winograd, "winograd_conv", counted)
     yield calls
 
