@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from service.ldm.config import AutoencoderConfig
 from service.ldm.upsample import PhaseWeights, upsample_conv
+from service.ldm.winograd import Conv3x3
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -41,10 +42,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm1 = norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels)  # Winograd where it pays (winograd.py)
         self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(0.0)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         self.nin_shortcut: nn.Module = (
             nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
         )

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lora_keys import Part
+from .winograd import conv3x3
 
 if TYPE_CHECKING:
     from .lora import LoraAdapter
@@ -175,9 +176,9 @@ class LoraConv2d(nn.Conv2d):
     lora_path: str
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._conv_forward(x, self.weight, self.bias)
         if not self.lora_runtime.groups:
-            return y
+            return conv3x3(self, x)  # Winograd where the twin's original took it (winograd.py)
+        y = self._conv_forward(x, self.weight, self.bias)  # with a delta: the plain conv
         return _add_deltas(y, x, self.lora_runtime, self.lora_path, self._delta)
 
     def _delta(self, h: Tensor, w: Tensor, up: str | None) -> Tensor:

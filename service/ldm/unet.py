@@ -22,6 +22,7 @@ from service.ldm.attention import SpatialTransformer
 from service.ldm.config import UNetConfig
 from service.ldm.norms import norm
 from service.ldm.upsample import PhaseWeights, upsample_conv
+from service.ldm.winograd import Conv3x3
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -46,14 +47,16 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            norm(channels),
+            nn.SiLU(),
+            Conv3x3(channels, out_channels),  # Winograd where it pays
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             norm(out_channels),
             nn.SiLU(),
             nn.Dropout(0.0),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv3x3(out_channels, out_channels),
         )
         # A 1x1 conv only where the width changes (`use_conv=False` in the original).
         self.skip_connection: nn.Module = (
