@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         for shape, calls in sorted(shapes.items(), key=lambda kv: (kv[0][0] != "unet", kv[0])):
             where, b, c_in, h, w, c_out = shape
             times, wino_diff, onednn_diff = time_shape(b, c_in, h, w, c_out, args.runs)
-            rule = min(c_in, c_out) >= winograd.MIN_CHANNELS and h * w <= winograd.MAX_PIXELS
+            probe = torch.empty(b, c_in, h, w).contiguous(memory_format=torch.channels_last)
+            rule = winograd.worth_it(torch.nn.Conv2d(c_in, c_out, 3, padding=1, device="meta"), probe)
             cols = " ".join(f"{times[m]:>11.3f}" if m in times else f"{'':>11}" for m in METHODS)
             label = f"{where} {b} {c_in:>3} {h}x{w} {c_out:>3}"
             print(

@@ -45,9 +45,13 @@ _BIAS_AT = 5
 # Where Winograd beats oneDNN's direct fp32 convolution (bench/winograd.py, one thread, AVX-512):
 # both widths at least this (64 -> 64 at 32x32 was a tie, 64 -> 64 at 128x128 30% slower) ...
 MIN_CHANNELS = 128
-# ... and maps up to this many pixels, channels-last (128 channels at 64x64 was 20% faster; larger
-# maps were not measured: the transforms' memory traffic grows with the map) ...
-MAX_PIXELS = 64 * 64
+# ... and maps up to this many pixels, channels-last. At 64x64 the transforms' memory traffic (four
+# times the input, twice) outgrows the caches: there it only paid for a small input (128 channels,
+# batch 1: 20% faster; batch 2: 4%), and SD 1.5's top level (320 channels, batch 2) was 33% slower,
+# 640 -> 320 14% slower; at 32x32 and below every measured width won (SD 1.5's 640 at batch 2 to 8:
+# 11-37% faster, 1280 at 16x16 43-60%), so 64x64 is taken only up to MAX_ROWS_AT_64 batch x channels.
+MAX_PIXELS = 32 * 32
+MAX_ROWS_AT_64 = 128
 # ... or this many in NCHW, where gathering the tiles reads with a stride of 2 (128 channels at 64x64
 # was 5% slower than oneDNN there, at 32x32 9% faster).
 MAX_PIXELS_NCHW = 32 * 32
@@ -94,11 +98,12 @@ def winograd_conv(x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
 def worth_it(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether Winograd is faster than oneDNN for this conv and input (the rule above)."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return (
-        min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-        and x.dim() == 4
-        and x.shape[-2] * x.shape[-1] <= (MAX_PIXELS if channels_last else MAX_PIXELS_NCHW)
-    )
+    if min(conv.in_channels, conv.out_channels) < MIN_CHANNELS or x.dim() != 4:
+        return False
+    pixels = x.shape[-2] * x.shape[-1]
+    if not channels_last:
+        return pixels <= MAX_PIXELS_NCHW
+    return pixels <= MAX_PIXELS or (pixels <= 64 * 64 and x.shape[0] * x.shape[1] <= MAX_ROWS_AT_64)
 
 
 def applies(conv: nn.Conv2d, x: Tensor) -> bool:
