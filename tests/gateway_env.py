@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -13,9 +15,9 @@ import httpx
 from service.ldm.checkpoint import save_model
 from service.paths import REPO_ROOT
 
-from .redis_server import free_port
+from .redis_server import RedisServer, free_port
 from .tiny import build_tiny, tiny_config, write_tokenizer
-from .workers import wait_for
+from .workers import WorkerProcess, wait_for
 
 
 def write_tiny_own_model(folder: Path) -> Path:
@@ -97,3 +99,23 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def tiny_stack(folder: Path, model: str = "tiny") -> Iterator[tuple[GatewayProcess, RedisServer]]:
+    """A real Redis, one worker (batch wait 0) and a gateway serving the tiny model as `model`; their
+    logs are printed at the end (pytest shows them when a test fails)."""
+    server = RedisServer(folder / "redis")
+    server.start()
+    path = write_tiny_own_model(folder / "model")
+    worker = WorkerProcess("w1", server.url, {model: path}, folder, max_wait_ms=0).start()
+    gateway = GatewayProcess(server.url, {model: path}, folder)
+    try:
+        gateway.start()
+        worker.wait_ready(server.client())
+        yield gateway, server
+    finally:
+        worker.stop()
+        gateway.stop()
+        server.kill()
+        print(gateway.log()[-3000:], worker.log()[-3000:])

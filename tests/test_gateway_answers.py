@@ -18,9 +18,8 @@ from service.queue import keys
 from service.queue.scripts import REPLY_TTL_S
 from service.queue.store import JobStore
 
-from .gateway_env import GatewayProcess, write_tiny_own_model
-from .redis_server import RedisServer
-from .workers import SPEC, WorkerProcess, job, wait_for
+from .gateway_env import GatewayProcess, tiny_stack
+from .workers import SPEC, job, wait_for
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
@@ -28,21 +27,8 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, redis.Redis]]:
-    folder = tmp_path_factory.mktemp("answers")
-    server = RedisServer(folder / "redis")
-    server.start()
-    model = write_tiny_own_model(folder / "model")
-    worker = WorkerProcess("w1", server.url, {MODEL: model}, folder, max_wait_ms=0).start()
-    gateway = GatewayProcess(server.url, {MODEL: model}, folder)
-    try:
-        gateway.start()
-        worker.wait_ready(server.client())
+    with tiny_stack(tmp_path_factory.mktemp("answers"), MODEL) as (gateway, server):
         yield gateway, server.client()
-    finally:
-        worker.stop()
-        gateway.stop()
-        server.kill()
-        print(gateway.log()[-3000:], worker.log()[-3000:])  # shown when a test fails
 
 
 def calls(client: redis.Redis) -> dict[str, int]:

@@ -16,9 +16,8 @@ from PIL import Image
 from service.gateway.grpc_gen import ldm_pb2 as pb
 from service.gateway.grpc_gen import ldm_pb2_grpc as pb_grpc
 
-from .gateway_env import GatewayProcess, write_tiny_own_model
-from .redis_server import RedisServer
-from .workers import WorkerProcess, wait_for
+from .gateway_env import GatewayProcess, tiny_stack
+from .workers import wait_for
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
@@ -26,21 +25,8 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    folder = tmp_path_factory.mktemp("grpc")
-    server = RedisServer(folder / "redis")
-    server.start()
-    model = write_tiny_own_model(folder / "model")
-    worker = WorkerProcess("w1", server.url, {MODEL: model}, folder, max_wait_ms=0).start()
-    gateway = GatewayProcess(server.url, {MODEL: model}, folder)
-    try:
-        gateway.start()
-        worker.wait_ready(server.client())
+    with tiny_stack(tmp_path_factory.mktemp("grpc"), MODEL) as (gateway, _):
         yield gateway
-    finally:
-        worker.stop()
-        gateway.stop()
-        server.kill()
-        print(gateway.log()[-3000:], worker.log()[-3000:])
 
 
 @pytest.fixture

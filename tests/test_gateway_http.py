@@ -18,9 +18,9 @@ from PIL import Image
 
 from service.paths import REPO_ROOT
 
-from .gateway_env import GatewayProcess, write_tiny_own_model
-from .redis_server import RedisServer, free_port
-from .workers import WorkerProcess, wait_for
+from .gateway_env import GatewayProcess, tiny_stack
+from .redis_server import free_port
+from .workers import wait_for
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"  # 32x32 native, 4 euler steps by default, sizes multiple of 2
@@ -28,21 +28,8 @@ MODEL = "tiny"  # 32x32 native, 4 euler steps by default, sizes multiple of 2
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    folder = tmp_path_factory.mktemp("http")
-    server = RedisServer(folder / "redis")
-    server.start()
-    model = write_tiny_own_model(folder / "model")
-    worker = WorkerProcess("w1", server.url, {MODEL: model}, folder, max_wait_ms=0).start()
-    gateway = GatewayProcess(server.url, {MODEL: model}, folder)
-    try:
-        gateway.start()
-        worker.wait_ready(server.client())
+    with tiny_stack(tmp_path_factory.mktemp("http"), MODEL) as (gateway, _):
         yield gateway
-    finally:
-        worker.stop()
-        gateway.stop()
-        server.kill()
-        print(gateway.log()[-3000:], worker.log()[-3000:])  # shown when a test fails
 
 
 @pytest.fixture
