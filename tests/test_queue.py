@@ -273,6 +273,25 @@ def test_progress_survives_a_lost_consumer_group(store: JobStore, client: redis.
     assert client.xinfo_groups(keys.jobs(MODEL))[0]["name"] == keys.GROUP.encode()  # created again
 
 
+def test_a_claim_sent_ahead_answers_as_claim(store: JobStore, client: redis.Redis) -> None:
+    """`claim_later` sends the claims, and reads what `claim` would have answered when asked: with the
+    spec the entry carried, a cancelled job's `terminal`, and after an empty script cache too."""
+    queue = worker_queue(client, "w")
+    for flushed in (False, True):
+        first, cancelled = store.enqueue(MODEL, SPEC), store.enqueue(MODEL, SPEC)
+        entries = queue.read([MODEL], count=2, block_ms=None)
+        assert [e.spec for e in entries] == [SPEC.to_json()] * 2  # small: it rides in the entry
+        store.cancel(cancelled)
+        if flushed:
+            client.script_flush()
+        answers = queue.claim_later(entries)
+        claimed = answers()
+        assert [c.outcome for c in claimed] == ["claimed", "terminal"]
+        lease = claimed[0].lease
+        assert lease is not None and lease.job_id == first and lease.attempt == 1
+        assert lease.spec_json == entries[0].spec
+
+
 def test_pipelined_scripts_survive_an_empty_script_cache(store: JobStore, client: redis.Redis) -> None:
     """Pipelines send EVALSHA without asking SCRIPT EXISTS first; after a Redis restart the cache is
     empty, and the scripts are loaded again on NOSCRIPT."""

@@ -148,10 +148,52 @@ class WorkerQueue:
 
     def claim(self, entries: Sequence[Entry]) -> list[Claimed]:
         """Takes the next attempt of each entry's job, or dead-letters a job delivered too often."""
+        calls = self._claim_calls(entries)
+        return self._claimed(entries, self._pipelined(calls))
+
+    def claim_later(self, entries: Sequence[Entry]) -> Callable[[], list[Claimed]]:
+        """`claim`, sent now; returns what reads the answers, so that the caller prepares the jobs while
+        the claims are on their way (a write Redis fsyncs before it answers). The connection is held
+        until the answers are read; a script Redis lost (NOSCRIPT) is loaded and claimed again then."""
+        calls = self._claim_calls(entries)
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(
+                conn.pack_commands(
+                    [("EVALSHA", self._scripts[s].sha, len(k), *k, *args) for s, k, args in calls]
+                )
+            )
+        except BaseException:
+            pool.release(conn)
+            raise
+
+        def answers() -> list[Claimed]:
+            replies: list[Any] = []
+            try:
+                for _ in calls:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as e:  # an error reply: the connection reads on
+                        replies.append(e)
+            finally:
+                pool.release(conn)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+            if missing:
+                for i, reply in zip(missing, self._pipelined([calls[i] for i in missing]), strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return self._claimed(entries, replies)
+
+        return answers
+
+    def _claim_calls(self, entries: Sequence[Entry]) -> list[Call]:
         now = time.time()
         token = uuid.uuid4().hex  # one per call: a retried pipeline claims nothing twice
         heartbeats = keys.worker("")
-        calls: list[Call] = [
+        return [
             (
                 "claim",
                 [keys.jobs(e.model), keys.job(e.job_id), keys.events(e.job_id), keys.dead(e.model)],
@@ -162,8 +204,11 @@ class WorkerQueue:
             )
             for e in entries
         ]
+
+    @staticmethod
+    def _claimed(entries: Sequence[Entry], replies: list[Any]) -> list[Claimed]:
         out = []
-        for e, reply in zip(entries, self._pipelined(calls), strict=True):
+        for e, reply in zip(entries, replies, strict=True):
             outcome = text(reply[0])
             if outcome != "claimed":
                 out.append(Claimed(e, outcome, detail=text(reply[1]) if len(reply) > 1 else ""))

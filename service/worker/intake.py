@@ -3,9 +3,9 @@ dead-lettering), resolve its request against the model (an invalid one fails her
 LoRA adapters off the loop if they are not in memory, then offer it to the scheduler.
 
 A new entry whose spec rides in it (a small one, `INLINE_SPEC_BYTES`) is resolved and prepared (text
-encoded, noise drawn) while its claim is on its way to Redis and back, on the thread that also sends
-the starts (`Starts.claim`): the claim's round trip, a write Redis fsyncs before it answers, no longer
-comes before the preparation. What the claim answers decides, as always: a job it does not give this
+encoded, noise drawn) while its claim is on its way to Redis and back (`WorkerQueue.claim_later`: sent
+first, its answer read after): the claim's round trip, a write Redis fsyncs before it answers, no
+longer comes before the preparation. What the claim answers decides, as always: a job it does not give this
 worker (cancelled meanwhile, dead-lettered) is dropped with its prepared member; one whose spec is
 not the entry's (never, but the hash is the authority) is prepared again at admission.
 
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 
 from ..ldm.batch import Member
 from ..ldm.engine import Engine
 from ..ldm.request import ResolvedRequest
-from ..queue.delivery import Claimed, Entry, Lease, WorkerQueue
+from ..queue.delivery import Entry, Lease, WorkerQueue
 from ..queue.inputs import request_from
 from ..queue.states import JobStatus
 from .adapters import Adapters
@@ -43,10 +42,8 @@ class Intake:
         scheduler: Scheduler,
         adapters: Adapters,
         metrics: WorkerMetrics,
-        claims: Callable[[list[Entry]], Future[list[Claimed]]] | None = None,
     ) -> None:
         self.queue = queue
-        self.claims = claims  # claiming off the loop's thread (Starts.claim); None: in line
         self.engines = engines
         self.ledger = ledger
         self.scheduler = scheduler
@@ -81,12 +78,12 @@ class Intake:
         if reclaimed:
             self.metrics.reclaimed.inc(len(entries))
         early: dict[str, tuple[ResolvedRequest, Member]] = {}
-        if self.claims is not None and not reclaimed and any(e.spec for e in entries):
-            on_the_way = self.claims(list(entries))
+        if not reclaimed and any(e.spec for e in entries):
+            on_the_way = self.queue.claim_later(entries)
             for e in entries:
                 if e.spec and (prepared := self._prepare(e)) is not None:
                     early[e.job_id] = prepared
-            answers = on_the_way.result()
+            answers = on_the_way()
         else:
             answers = self.queue.claim(entries)
         for claimed in answers:

@@ -78,9 +78,7 @@ class Worker:
         self._next_reclaim = 0.0
         self.progress = ProgressLine(self._queue(), settings.progress_interval_ms / 1000)
         self.starts = Starts(self._queue())
-        self.intake = Intake(
-            self.queue, engines, self.ledger, self.scheduler, self.adapters, metrics, self.starts.claim
-        )
+        self.intake = Intake(self.queue, engines, self.ledger, self.scheduler, self.adapters, metrics)
         self._started = time.time()
 
     def _queue(self) -> WorkerQueue:

@@ -1,7 +1,6 @@
 """Marking admitted jobs `running` off the loop's thread, so that the round trip (a write Redis
 fsyncs before it answers) overlaps the new members' preparation and their first step instead of
-delaying them. Claims of new entries go out on the same thread (`claim`), so a job's claim always
-reaches Redis before its start; the loop prepares the jobs while the claim is on its way.
+delaying them.
 
 The loop sends the starts when it admits jobs and collects the answers in the same iteration, right
 after the step and before anything else of theirs (progress, result) goes out: a job is never
@@ -16,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 
-from ..queue.delivery import Claimed, Entry, WorkerQueue
+from ..queue.delivery import WorkerQueue
 from .ledger import Job
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,6 @@ class Starts:
         if jobs:
             future = self._pool.submit(self._queue.start, [job.lease for job in jobs])
             self._in_flight.append((future, jobs))
-
-    def claim(self, entries: list[Entry]) -> Future[list[Claimed]]:
-        """`WorkerQueue.claim` of the entries, off the loop's thread; its result raises what it raised."""
-        return self._pool.submit(self._queue.claim, entries)
 
     def collect(self) -> list[tuple[Job, str | None]]:
         """Each job sent with its status (`running`, `stale` or the terminal one); None when the round
