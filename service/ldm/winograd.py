@@ -163,7 +163,7 @@ def choose(conv: nn.Conv2d, x: Tensor) -> Tiles | None:
         return None
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     batch, c_in, h, w = x.shape
-    narrowest, pixels = min(conv.in_channels, conv.out_channels), h * w
+    narrowest, pixels = min(c_in, conv.out_channels), h * w
     if channels_last:
         if narrowest < MIN_CHANNELS or pixels > MAX_PIXELS_SMALL:
             return None
@@ -172,7 +172,7 @@ def choose(conv: nn.Conv2d, x: Tensor) -> Tiles | None:
     elif narrowest < MIN_CHANNELS_NCHW or pixels > MAX_PIXELS_NCHW:
         return None
     few = batch * -(-h // 4) * -(-w // 4) < MIN_TILES
-    return F23 if few and conv.in_channels * conv.out_channels > MAX_WEIGHT_FEW_TILES else F43
+    return F23 if few and c_in * conv.out_channels > MAX_WEIGHT_FEW_TILES else F43
 
 
 def applies(conv: nn.Conv2d, x: Tensor) -> bool:
@@ -231,6 +231,19 @@ def conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
         if tiles is not None:
             return winograd_conv(x, cache.of(conv, tiles), conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
+
+
+def conv3x3_part(conv: nn.Conv2d, x: Tensor, start: int, bias: Tensor | None) -> Tensor:
+    """The conv's contribution from its input channels start .. start + x.shape[1] (x those channels),
+    plus `bias`: by Winograd with the matching rows of the cached U where that pays, else F.conv2d with
+    that slice of the weight."""
+    cache = getattr(conv, "winograd", None)
+    stop = start + x.shape[1]
+    if isinstance(cache, WinogradWeights) and ENABLED and applies(conv, x):
+        tiles = choose(conv, x)
+        if tiles is not None:
+            return winograd_conv(x, cache.of(conv, tiles)[:, start:stop], bias)
+    return F.conv2d(x, conv.weight[:, start:stop], bias, padding=1)
 
 
 # Off (LDM_WINOGRAD=0 in the environment, or set here): every conv takes the direct path; tests and
