@@ -157,11 +157,20 @@ def variant(x: Tensor, u: Tensor, bias: Tensor, transforms: str, gemm: str) -> T
 # -- timing ------------------------------------------------------------------------------------------
 
 
-def median_ms(fn: Callable[[], object], runs: int) -> float:
+EVICT = torch.empty(0)  # with --cold: written before every timed run (64 MB)
+
+
+def median_ms(fn: Callable[[], object], runs: int, touch: Tensor | None = None) -> float:
+    """Median ms of fn(); with --cold, after evicting the caches and reading `touch` (the input) back:
+    in a network a conv's input was just written, its weights (and U) last read a whole call ago."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(runs):
+        if EVICT.numel():
+            EVICT.add_(1.0)
+            if touch is not None:
+                touch.sum()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -221,7 +230,7 @@ def time_shape(
     ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     for name, fn in fns.items():  # every variant computes the same
         assert (fn().double() - ref).abs().max().item() < 1e-3, name
-    times = {name: median_ms(fn, runs) for name, fn in fns.items()}
+    times = {name: median_ms(fn, runs, x if "nchw" in name else xc) for name, fn in fns.items()}
     diffs = {
         name: (fns[name]().double() - ref).abs().max().item() for name in ("wino cl", "f43 cl", "onednn cl")
     }
@@ -252,10 +261,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="UNet calls per bench.engine call (default 20)")
     parser.add_argument("--sd15", action="store_true", help="SD 1.5's shapes (one of each width) instead")
     parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="weights out of cache: write 64 MB before every run (16 MB, 4x L2, was not enough)",
+    )
+    parser.add_argument(
         "--variants", action="store_true", help="time the variants too: " + ", ".join(VARIANTS)
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cold:
+        global EVICT
+        EVICT = torch.zeros(16 << 20)
     print(f"CPU {cpu_description()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {load_average()}")
     shapes = Counter(SD15) if args.sd15 else conv_shapes()

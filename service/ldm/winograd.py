@@ -101,11 +101,13 @@ MAX_PIXELS = 64 * 64
 MAX_PIXELS_SMALL = 128 * 128
 MAX_ROWS_SMALL = 128
 # With few tiles its 36 GEMMs read a weight 2.25x F(2x2)'s for a few rows each: SD 1.5's 1280 -> 1280
-# at 8x8, batch 2 (8 rows a GEMM) took 0.57 of oneDNN, F(2x2) 0.36. F(2x2) there, when the GEMMs have
-# fewer than MIN_TILES rows and the weight more than MAX_WEIGHT_FEW_TILES channel pairs (512 -> 256 at
-# 8x8, batch 2, still went to F(4x4): 0.55 against 0.63).
-MIN_TILES = 32
-MAX_WEIGHT_FEW_TILES = 512 * 256
+# at 8x8, batch 2 (8 rows a GEMM) took 0.57 of oneDNN, F(2x2) 0.31-0.36. In a whole UNet call, where
+# each U was last read a call ago (and F(4x4)'s U are 4x the weights), bench.engine's 8x8 layers lose
+# it too: in an A/B of whole UNet calls (bench/README.md), F(4x4) everywhere was no faster than F(2x2)
+# alone (main's rule), F(2x2) below MIN_TILES tile rows a GEMM (batch x tiles: 8x8 maps at batch 2 or
+# 3) 3.5% faster than both; 16 and 32 tied. Isolated, in cache or after writing 64 MB
+# (`bench/winograd.py --cold`), F(4x4) and F(2x2) tied at 8x8 (0.55-0.70 of oneDNN each).
+MIN_TILES = 16
 # NCHW (gathering the tiles reads with a stride): F(4x4) up to 64x64 for both widths at least 128 (64
 # -> 64 at 32x32 lost, 1.19; 128 -> 64 at 128x128 1.34; at 64x64 320 channels 0.51, 128 0.73).
 MIN_CHANNELS_NCHW = 128
@@ -171,8 +173,7 @@ def choose(conv: nn.Conv2d, x: Tensor) -> Tiles | None:
             return None
     elif narrowest < MIN_CHANNELS_NCHW or pixels > MAX_PIXELS_NCHW:
         return None
-    few = batch * -(-h // 4) * -(-w // 4) < MIN_TILES
-    return F23 if few and c_in * conv.out_channels > MAX_WEIGHT_FEW_TILES else F43
+    return F23 if batch * -(-h // 4) * -(-w // 4) < MIN_TILES else F43
 
 
 def applies(conv: nn.Conv2d, x: Tensor) -> bool:
