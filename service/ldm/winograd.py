@@ -96,10 +96,11 @@ _BY_POSITIONS = {16: F23, 36: F43}  # U's first dimension, a*a, tells which
 # where F(2x2) was 1.17; 128 at batch 1: 0.54) ...
 MIN_CHANNELS = 64
 MAX_PIXELS = 64 * 64
-# ... and up to MAX_PIXELS_SMALL for a small input (at 128x128 64 -> 64 at batch 1 0.81-0.83, 128 -> 64
-# 0.78-0.80; 32 channels at 256x256 lost, 1.5x): up to MAX_ROWS_SMALL batch x channels, as measured.
-MAX_PIXELS_SMALL = 128 * 128
-MAX_ROWS_SMALL = 128
+# Not on larger maps: at 128x128 F(4x4) was faster in isolation (64 -> 64 at batch 1 0.83, 128 -> 64
+# 0.80 of oneDNN) but a whole decode of bench.engine's VAE after writing 256 MB (as after the UNet's
+# steps) took 236 ms with it there, 220 without, 231 with main's F(2x2) rule (32 channels at 256x256
+# lost even in isolation, 1.5x).
+#
 # With few tiles its 36 GEMMs read a weight 2.25x F(2x2)'s for a few rows each: SD 1.5's 1280 -> 1280
 # at 8x8, batch 2 (8 rows a GEMM) took 0.57 of oneDNN, F(2x2) 0.31-0.36. In a whole UNet call, where
 # each U was last read a call ago (and F(4x4)'s U are 4x the weights), bench.engine's 8x8 layers lose
@@ -167,9 +168,7 @@ def choose(conv: nn.Conv2d, x: Tensor) -> Tiles | None:
     batch, c_in, h, w = x.shape
     narrowest, pixels = min(c_in, conv.out_channels), h * w
     if channels_last:
-        if narrowest < MIN_CHANNELS or pixels > MAX_PIXELS_SMALL:
-            return None
-        if pixels > MAX_PIXELS and batch * c_in > MAX_ROWS_SMALL:
+        if narrowest < MIN_CHANNELS or pixels > MAX_PIXELS:
             return None
     elif narrowest < MIN_CHANNELS_NCHW or pixels > MAX_PIXELS_NCHW:
         return None
