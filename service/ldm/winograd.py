@@ -11,17 +11,17 @@ of 4 * 9 = 36, so 2.25x fewer in the GEMM, where a direct convolution spends its
 does the same with 6x6 input tiles at stride 4 and 36 products per 4x4 output tile (144 direct: 4x
 fewer), and the transforms touch 2.25 values per input and output value instead of 4.
 
-Here the input transform is one small matrix product (the (a*a)x(a*a) matrix kron(B^T, B^T), a = 4 or
-6) over the a x a tiles gathered from the padded input (a strided view, copied once), the a*a GEMMs
-are one `torch.bmm`, and the output transform is one product with kron(A^T, A^T), written straight
-into the output's layout (NCHW or channels-last, as the input). The transforms are memory-bound
-passes, so the method pays where the GEMM dominates: wide layers on small maps. `bench/winograd.py`
-times both against oneDNN's direct convolution on the shapes of bench.engine's model and SD 1.5's;
-the rule in `choose` comes from there (F(4x4) nearly everywhere it pays; F(2x2) for very wide layers
-on tiny maps). The tile grid is padded to a multiple of the tile (the extra outputs are cut off). In
-fp32 the results differ from a direct convolution's by float rounding: F(2x2)'s about 1e-6 relative,
-less than oneDNN's own error against a float64 reference (its G and A are exact in binary, B's are
-adds); F(4x4)'s 2 to 5x oneDNN's (about 3e-6 of the largest output; see F43).
+Here the input transform is one small matrix product (the (a*a)x(a*a) matrix kron(B^T, B^T), a = 4 or 6)
+over the a x a tiles gathered from the padded input (a strided view, copied once), the a*a GEMMs are one
+`torch.bmm`, and the output transform is one product with kron(A^T, A^T), written straight into the
+output's layout (NCHW or channels-last, as the input). The transforms are memory-bound passes, so the
+method pays where the GEMM dominates: wide layers on small maps. `bench/winograd.py` times both against
+oneDNN's direct convolution on the shapes of bench.engine's model and SD 1.5's; the rule in `choose`
+comes from there and from A/Bs of whole UNet calls and decodes (F(4x4) where Winograd pays, F(2x2) where
+a GEMM has few tile rows). The tile grid is padded to a multiple of the tile (the extra outputs are cut
+off). In fp32 the results differ from a direct convolution's by float rounding: F(2x2)'s about 1e-6
+relative, less than oneDNN's own error against a float64 reference (its G and A are exact in binary, B's
+are adds); F(4x4)'s 1.4 to 4x oneDNN's on the shapes taken (about 3e-6 of the largest output; see F43).
 
 Only in eager CPU fp32 inference: not in a compiled graph (inductor picks its own convolution), not
 when gradients are wanted (training differentiates the plain conv), not with a per-row LoRA delta
