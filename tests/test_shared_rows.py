@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.ldm import unet as unet_module
 from service.ldm.attention import CrossAttention
+from service.ldm.config import UNetConfig
 from service.ldm.engine import Engine
 from service.ldm.request import GenerationRequest
-from service.ldm.unet import UNet
+from service.ldm.unet import ResBlock, UNet
 
 from .test_host_syncs import engine_on, mixed_batch
 from .test_speed import RowCounter
@@ -98,6 +100,56 @@ def test_the_unet_with_expand_equals_it_on_every_row(kind: str) -> None:
         shared = unet(x, t, context, y=y, expand=expand)
         plain = unet(x[expand], t[expand], context, y=None if y is None else y[expand])
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("straddling", [False, True])
+def test_the_decoder_reads_the_heads_skips_once_per_unique_row(
+    channels_last: bool, straddling: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench.engine's UNet shape (64 channels, mult (1, 2, 4), attention from level 1): the head's four
+    skips feed the decoder's last four ResBlocks, which normalise and convolve the skip's own GroupNorm
+    groups once per unique row: after 64 of 64 + 64 channels (groups of 4), and after 132 of 128 + 64
+    (groups of 6: one straddles h and the skip, and is computed per row; taken only with `STRADDLING`,
+    as slower)."""
+    cfg = UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2), context_dim=32
+    )
+    torch.manual_seed(0)
+    unet = UNet(cfg).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet.to(memory_format=fmt)  # type: ignore[call-overload]
+    splits: list[tuple[int, int, int]] = []
+    real = ResBlock.forward_shared_skip
+
+    def counted(self: ResBlock, h: Tensor, s: Tensor, expand: Tensor, emb: Tensor, start: int) -> Tensor:
+        splits.append((h.shape[1], s.shape[1], start))
+        assert s.shape[0] == 2 and h.shape[0] == 4
+        return real(self, h, s, expand, emb, start)
+
+    monkeypatch.setattr(ResBlock, "forward_shared_skip", counted)
+    monkeypatch.setattr(unet_module, "STRADDLING", straddling)
+    x = torch.randn(2, 4, 16, 12).contiguous(memory_format=fmt)
+    t = torch.tensor([999.0, 3.0])
+    expand = torch.tensor([0, 0, 1, 1])
+    context = torch.randn(4, 7, cfg.context_dim)
+    with torch.inference_mode():
+        shared = unet(x, t, context, expand=expand)
+        assert splits == [(128, 64, 132), (128, 64, 132)] * straddling + [(64, 64, 64), (64, 64, 64)]
+        plain = unet(x[expand], t[expand], context)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert shared.is_contiguous(memory_format=fmt)
+
+
+def test_the_split_falls_on_a_group_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = ResBlock(640, 16, 320)  # SD 1.5's last decoder block: 320 + 320, groups of 20
+    assert block.split_at(320, 320) == 320
+    assert ResBlock(192, 16, 64).split_at(128, 64) is None  # groups of 6: one straddles h and the skip
+    assert ResBlock(64, 16, 64).split_at(32, 32) is None  # no 1x1 skip conv (the widths equal)
+    monkeypatch.setattr(unet_module, "STRADDLING", True)
+    assert ResBlock(192, 16, 64).split_at(128, 64) == 132
+    assert ResBlock(96, 16, 64).split_at(64, 32) == 66  # groups of 3
+    assert ResBlock(33 * 32, 16, 64).split_at(32 * 32 + 31, 1) is None  # the skip only in h's last group
 
 
 def test_cross_attention_keys_and_values_are_reused_while_the_prompts_stay(
